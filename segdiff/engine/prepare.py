@@ -1,0 +1,73 @@
+"""Batch preparation for conditional diffusion: which key is noised (the target) and which is concatenated (the condition).
+
+Mask -> image uses ``target_key="image", condition_key="label"``; image -> mask swaps them. Everything else in the
+engine is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.engines import DiffusionPrepareBatch, PrepareBatch
+
+__all__ = ["ConditionalDiffusionPrepareBatch", "SamplingPrepareBatch"]
+
+
+class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """Training batches for :class:`monai.inferers.DiffusionInferer` in ``"concat"`` mode.
+
+    Returns ``(target, noise, (), {"noise", "timesteps", "condition", "mode"})``: the inferer noises the target at
+    random timesteps, concatenates the condition along channels and predicts the noise, which is the loss target.
+
+    Args:
+        num_train_timesteps: number of timesteps of the training noise schedule.
+        target_key: batch key of the tensor being generated.
+        condition_key: batch key of the conditioning tensor, or None for an unconditional model.
+    """
+
+    def __init__(self, num_train_timesteps: int, target_key: str = "image", condition_key: str | None = "label") -> None:
+        super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_key)
+        self.target_key = target_key
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        target = torch.as_tensor(batchdata[self.target_key]).to(device, non_blocking=non_blocking, **kwargs)
+        noise = self.get_noise(target)
+        timesteps = self.get_timesteps(target)
+        infer_kwargs: dict[str, Any] = {"noise": noise, "timesteps": timesteps}
+        if self.condition_name is not None:
+            condition = torch.as_tensor(batchdata[self.condition_name]).to(device, non_blocking=non_blocking, **kwargs)
+            infer_kwargs.update(condition=condition, mode="concat")
+        return target, self.get_target(target, noise, timesteps), (), infer_kwargs
+
+
+class SamplingPrepareBatch(PrepareBatch):
+    """Inference batches for :class:`segdiff.engine.ConditionalDiffusionSampler`.
+
+    The condition (which also fixes the output grid) is the input; an optional real ``initial_key`` image is passed on
+    for partial-noise sampling (``strength < 1``).
+    """
+
+    def __init__(self, condition_key: str = "label", initial_key: str | None = None) -> None:
+        self.condition_key = condition_key
+        self.initial_key = initial_key
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, tuple, dict]:
+        condition = batchdata[self.condition_key].to(device, non_blocking=non_blocking, **kwargs)
+        extra = {}
+        if self.initial_key is not None:
+            extra["initial"] = batchdata[self.initial_key].to(device, non_blocking=non_blocking, **kwargs)
+        return condition, None, (), extra

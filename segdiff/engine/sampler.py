@@ -1,0 +1,222 @@
+"""Conditional sampling: reverse diffusion with the condition concatenated at every step, in batched ensembles.
+
+The sampler is a callable ``sampler(inputs, network)``, the signature MONAI evaluators and MONAI Label expect of an
+inferer. ``inputs`` is the encoded condition on the case's own grid; the sampler resizes it to the model's
+``image_size`` (slice by slice for a 2D model over a 3D volume), draws ``num_samples`` samples per case as one batch,
+and resizes the samples back, so that outputs lie on the input grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from tqdm.auto import tqdm
+
+from segdiff.engine.grid import from_network_units, resize, to_network_units
+
+__all__ = ["SAMPLERS", "ConditionalDiffusionSampler", "build_scheduler"]
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def build_scheduler(
+    sampler: str = "ddpm",
+    num_train_timesteps: int = 1000,
+    schedule: str = "linear_beta",
+    beta_start: float = 1e-4,
+    beta_end: float = 2e-2,
+    clip_sample: bool = True,
+) -> Scheduler:
+    """A MONAI scheduler by name (``"ddpm"`` or ``"ddim"``) with the training noise schedule's parameters."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    return cls(
+        num_train_timesteps=num_train_timesteps,
+        schedule=schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        clip_sample=clip_sample,
+    )
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled or device.type != "cuda":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+class ConditionalDiffusionSampler:
+    """Draw samples of a target (image or mask) given a condition (mask or image), on the condition's grid.
+
+    MONAI's ``DiffusionInferer.sample`` denoises one batch from pure noise; this adds what volumes and ensembles
+    need: slice-wise 2D sampling of 3D volumes, resizing to and from the model size, ensembles as one batch split
+    into chunks of ``batch_size``, a start from a partially noised real image (``strength``), a seeded generator,
+    autocast on CUDA and one progress bar across all chunks.
+
+    Args:
+        scheduler: a MONAI DDPM or DDIM scheduler (see :func:`build_scheduler`).
+        num_inference_steps: denoising steps (1000 for full DDPM; 25-100 for DDIM).
+        target_channels: channels of the generated tensor (image channels, or encoded mask channels).
+        spatial_dims: 2 or 3, the network's spatial dimensions.
+        image_size: spatial size the network was trained on; the condition is resized to it and samples back.
+            None keeps the input size.
+        num_samples: samples drawn per case (ensemble members), generated together.
+        slice_axis: for a 2D network and 3D input, the spatial axis the volume is cut along.
+        batch_size: network inputs per forward pass (slices x samples are split into chunks of this size).
+        strength: 1.0 starts from pure noise; below 1, sampling starts from ``initial`` noised to timestep
+            ``strength * num_train_timesteps`` (SDEdit): lower keeps more of the real image.
+        conditional: False for an unconditional model (``inputs`` then only gives the output grid).
+        amp: autocast (bf16 where supported, else fp16) when running on CUDA.
+        seed: seed of the sampling noise; every call restarts from it, so a case's samples do not depend on the order
+            of the cases. None draws from torch's global generator.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        num_inference_steps: int = 50,
+        target_channels: int = 1,
+        spatial_dims: int = 2,
+        image_size: Sequence[int] | None = None,
+        num_samples: int = 1,
+        slice_axis: int = 2,
+        batch_size: int = 16,
+        strength: float = 1.0,
+        conditional: bool = True,
+        amp: bool = False,
+        seed: int | None = 0,
+        progress: bool = True,
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if image_size is not None and len(image_size) != spatial_dims:
+            raise ValueError(f"image_size {list(image_size)} must have {spatial_dims} entries for spatial_dims={spatial_dims}.")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}.")
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}.")
+        self.scheduler = scheduler
+        self.num_inference_steps = int(num_inference_steps)
+        self.target_channels = target_channels
+        self.spatial_dims = spatial_dims
+        self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
+        self.num_samples = int(num_samples)
+        self.slice_axis = slice_axis
+        self.batch_size = int(batch_size)
+        self.strength = float(strength)
+        self.conditional = conditional
+        self.amp = amp
+        self.seed = seed
+        self.progress = progress
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+    def _timesteps(self, device: torch.device) -> torch.Tensor:
+        self.scheduler.set_timesteps(self.num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if self.strength < 1.0:
+            start = int(round(self.strength * (self.scheduler.num_train_timesteps - 1)))
+            timesteps = timesteps[timesteps <= start]
+        return timesteps
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        condition: torch.Tensor | None,
+        network: torch.nn.Module,
+        shape: Sequence[int],
+        initial: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress_bar: tqdm | None = None,
+    ) -> torch.Tensor:
+        """Run the reverse process for one chunk of ``shape`` (N, target_channels, *spatial)."""
+        device = next(network.parameters()).device
+        timesteps = self._timesteps(device)
+        x = torch.randn(tuple(shape), generator=generator, device=device)
+        if self.strength < 1.0:
+            if initial is None:
+                raise ValueError("strength < 1 needs a real image to start from (the 'initial' input).")
+            x = self.scheduler.add_noise(initial.to(device, torch.float32), x, timesteps[:1].repeat(x.shape[0]))
+        for t in timesteps:
+            model_input = x if condition is None else torch.cat([x, condition], dim=1)
+            with _autocast(device, self.amp):
+                eps = network(model_input, timesteps=torch.full((x.shape[0],), int(t), device=device))
+            x, _ = self.scheduler.step(eps.float(), int(t), x, generator=generator)
+            if progress_bar is not None:
+                progress_bar.update(1)
+        return x
+
+    def __call__(
+        self, inputs: torch.Tensor, network: torch.nn.Module, initial: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sample ``num_samples`` targets for every case of a batch.
+
+        Args:
+            inputs: (B, C_condition, *spatial), the encoded condition on each case's grid.
+            network: the diffusion network (its first ``target_channels`` input channels are the noisy target).
+            initial: (B, target_channels, *spatial) real targets to start from when ``strength < 1``.
+
+        Returns:
+            (B, num_samples * target_channels, *spatial) with the input's metadata (affine, file name), samples
+            ordered sample-major: channels ``[k * target_channels, (k + 1) * target_channels)`` hold sample ``k``.
+        """
+        device = next(network.parameters()).device
+        was_training = network.training
+        network.eval()
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        cases = [to_network_units(torch.as_tensor(c), self.spatial_dims, self.slice_axis) for c in inputs]
+        units_total = sum(c.shape[0] for c in cases) * self.num_samples
+        num_steps = len(self._timesteps(device))
+        bar = tqdm(
+            total=math.ceil(units_total / self.batch_size) * num_steps,
+            desc=f"sampling {len(cases)} case(s) x {self.num_samples} sample(s)",
+            disable=not self.progress,
+            leave=False,
+        )
+        outputs = []
+        try:
+            for index, units in enumerate(cases):
+                case_size = units.shape[2:]
+                model_size = self.image_size or case_size
+                condition = resize(units.float(), model_size, "nearest").to(device)
+                condition = condition.repeat_interleave(self.num_samples, dim=0)
+                start = None
+                if initial is not None:
+                    start = to_network_units(torch.as_tensor(initial[index]).float(), self.spatial_dims, self.slice_axis)
+                    start = resize(start, model_size, "linear").repeat_interleave(self.num_samples, dim=0)
+                samples = []
+                for lo in range(0, condition.shape[0], self.batch_size):
+                    hi = min(lo + self.batch_size, condition.shape[0])
+                    samples.append(
+                        self.denoise(
+                            condition[lo:hi] if self.conditional else None,
+                            network,
+                            (hi - lo, self.target_channels, *model_size),
+                            None if start is None else start[lo:hi],
+                            generator,
+                            bar,
+                        )
+                    )
+                out = resize(torch.cat(samples).float(), case_size, "linear")
+                # (N * S, C, ...) -> S x (N, C, ...) -> S x (C, *case) -> (S * C, *case)
+                out = out.reshape(units.shape[0], self.num_samples, *out.shape[1:]).transpose(0, 1)
+                out = torch.cat(
+                    [from_network_units(m, inputs[index].ndim, self.spatial_dims, self.slice_axis) for m in out], dim=0
+                )
+                outputs.append(out)
+        finally:
+            bar.close()
+            network.train(was_training)
+        result = torch.stack(outputs).to(inputs.device)
+        if isinstance(inputs, MetaTensor):
+            result = MetaTensor(result, meta=inputs.meta, applied_operations=inputs.applied_operations)
+            result.is_batch = inputs.is_batch
+        return result

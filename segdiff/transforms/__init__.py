@@ -1,0 +1,14 @@
+"""MONAI transforms for mask-conditioned diffusion: mask encodings, class ablation, slice sampling."""
+
+from .mask import (
+    MASK_ENCODINGS,
+    EncodeMask,
+    EncodeMaskd,
+    MaskAblation,
+    MaskAblationd,
+    RandMaskAblation,
+    RandMaskAblationd,
+    encoded_mask_channels,
+)
+from .slicing import RandSliced
+from .io import SaveSamplesd, check_outputs_free, existing_outputs, sample_output_paths
