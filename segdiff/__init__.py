@@ -1,10 +1,18 @@
 """monai-segdiff: diffusion models conditioned on segmentation masks, as MONAI bundles.
 
-``import segdiff`` makes the sub-packages available (``segdiff.data``, ``segdiff.transforms``, ``segdiff.engine``,
-``segdiff.evaluation``), so a bundle config needs a single ``$import segdiff``.
+The sub-packages (``segdiff.data``, ``segdiff.transforms``, ``segdiff.engine``, ``segdiff.evaluation``,
+``segdiff.visualize``) load on first use, so a bundle config needs a single ``$import segdiff`` and the command
+line starts without importing torch.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from . import data, engine, evaluation, transforms, visualize  # noqa: E402  (sub-packages for bundle configs)
-import segdiff.data.inputs  # noqa: E402,F401  (TODO move into segdiff/data/__init__)
+_SUBMODULES = ("data", "engine", "evaluation", "transforms", "visualize")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

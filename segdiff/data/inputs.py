@@ -6,11 +6,9 @@ import os
 from pathlib import Path
 
 from segdiff.data.checks import check_datalist
-from segdiff.data.datalist import load_datalist, resolve_datalist
+from segdiff.data.datalist import IMAGE_EXTENSIONS, load_datalist, resolve_datalist
 
-__all__ = ["IMAGE_SUFFIXES", "check_inference_entries", "inference_entries", "require_file"]
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".mha", ".nrrd")
+__all__ = ["check_inference_entries", "inference_entries", "require_file"]
 
 
 def inference_entries(
@@ -36,9 +34,9 @@ def inference_entries(
             raise ValueError("a folder of masks has no real images: use a datalist split to sample with strength < 1.")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"input folder {folder} does not exist.")
-        files = sorted(str(p) for p in Path(folder).iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+        files = sorted(str(p) for p in Path(folder).iterdir() if p.name.endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise ValueError(f"input folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+            raise ValueError(f"input folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
         return [{key: f} for f in files]
     entries = resolve_datalist(load_datalist(datalist), dataset_dir, split)
     keys = [key] + (["image"] if with_image and key != "image" else [])

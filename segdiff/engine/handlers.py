@@ -61,7 +61,8 @@ class TrainingCheckpoint:
 
     Every ``save_interval`` epochs and at the end, writes ``<save_dir>/checkpoint.pt`` (every object of ``save_dict``:
     network, EMA network, optimizer, lr scheduler, trainer state) and ``<save_dir>/model.pt`` (only the state dict of
-    ``export_model``, the weights inference loads). Both writes go through a temporary file and a rename.
+    ``export_model``, the weights inference loads). Both writes go through a temporary file and a rename. In
+    data-parallel training every rank resumes, rank 0 alone writes.
 
     Args:
         save_dir: the bundle's ``models`` folder.
@@ -120,6 +121,8 @@ class TrainingCheckpoint:
     def save(self, engine: Engine) -> None:
         if engine.state.epoch == getattr(self, "_last_saved_epoch", None):
             return
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return  # data-parallel training: rank 0 writes
         state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
         atomic_torch_save(state, self.checkpoint_path)
         atomic_torch_save(self.export_model.state_dict(), self.model_path)

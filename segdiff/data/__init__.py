@@ -1,0 +1,35 @@
+"""Data layer: datalists (build, split, save, load, resolve), file checks and the offline demo data set.
+
+The submodules are imported here so that bundle config expressions reach them as attributes once the package
+is imported (``"imports": ["$import segdiff"]``), e.g.
+``"$segdiff.data.checks.check_datalist(@datalist, @dataset_dir, @num_classes)"``.
+"""
+
+from segdiff.data import checks, datalist, demo, inputs
+from segdiff.data.checks import DataCheckError, check_datalist, find_problems
+from segdiff.data.datalist import (
+    DatalistError,
+    build_datalist,
+    load_datalist,
+    resolve_datalist,
+    save_datalist,
+    split_cases,
+)
+from segdiff.data.demo import write_demo_data
+
+__all__ = [
+    "checks",
+    "datalist",
+    "demo",
+    "inputs",
+    "DataCheckError",
+    "DatalistError",
+    "build_datalist",
+    "check_datalist",
+    "find_problems",
+    "load_datalist",
+    "resolve_datalist",
+    "save_datalist",
+    "split_cases",
+    "write_demo_data",
+]

@@ -1,0 +1,321 @@
+"""Check a datalist's files before any training or inference starts.
+
+Every file is read with MONAI's ``LoadImage(image_only=True, ensure_channel_first=True)``, the loader the
+bundles use, so the checks see what training will see (NIfTI, a list of per-channel files, PNG, ...).
+All problems are collected, not just the first, so one run lists everything to fix::
+
+    segdiff check datalist.json --num-classes 4
+
+or, from a bundle config::
+
+    "$segdiff.data.checks.check_datalist(segdiff.data.datalist.load_datalist(@datalist), @dataset_dir,
+      @num_classes, @image_channels)"
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from segdiff.data.datalist import load_datalist
+
+__all__ = ["DataCheckError", "find_problems", "check_datalist", "AFFINE_TOLERANCE", "MAX_REPORTED_VALUES"]
+
+#: largest allowed absolute difference between the image's and the label's 4x4 affine entries
+AFFINE_TOLERANCE = 1e-3
+#: how many offending label values a message lists
+MAX_REPORTED_VALUES = 5
+
+
+class DataCheckError(ValueError):
+    """Problems found in a datalist's files: a header line, then one bullet line per problem."""
+
+    def __init__(self, problems: Sequence[str], datalist_name: str = "datalist"):
+        self.problems = list(problems)
+        self.datalist_name = datalist_name
+        lines = [f"{datalist_name}: {len(self.problems)} problem(s) found:"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Squeeze a (loader's) exception message onto one bounded line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format_affine(affine: np.ndarray) -> str:
+    rows = ["[" + ", ".join(f"{v:.4g}" for v in row) + "]" for row in np.asarray(affine, dtype=float)]
+    return "[" + ", ".join(rows) + "]"
+
+
+def _format_values(values: np.ndarray) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:MAX_REPORTED_VALUES])
+    more = len(values) - MAX_REPORTED_VALUES
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _paths(value: Any) -> list[str] | None:
+    """The file paths of one entry value, or None when it is neither a path nor a list of paths."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    return None
+
+
+class _Checker:
+    """Collects the problems of one datalist; one method per kind of check."""
+
+    def __init__(self, dataset_dir: str, num_classes: int, image_channels: int | None):
+        from monai.transforms import LoadImage  # imported here: monai takes seconds to import
+
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+        self.dataset_dir = dataset_dir
+        self.num_classes = num_classes
+        self.image_channels = image_channels
+        self.problems: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.problems.append(f"{where}: {message}")
+
+    def load(self, where: str, value: Any, paths: list[str]) -> Any:
+        """Load one entry value (path or list of paths); report missing or unreadable files, return None."""
+        missing = False
+        for p in paths:
+            full = os.path.join(self.dataset_dir, os.path.expanduser(p))
+            if not os.path.isfile(full):
+                self.add(where, f"file not found: {p} (looked for {os.path.abspath(full)})")
+                missing = True
+        if missing:
+            return None
+        full_paths = [os.path.join(self.dataset_dir, os.path.expanduser(p)) for p in paths]
+        try:
+            return self.loader(full_paths if isinstance(value, (list, tuple)) else full_paths[0])
+        except Exception as e:  # any reader error is a problem to report, not a crash
+            files = paths[0] if len(paths) == 1 else paths
+            self.add(where, f"cannot read {files}: {type(e).__name__}: {_one_line(e)}")
+            return None
+
+    def check_image(self, where: str, img: Any, paths: list[str]) -> None:
+        """Channel count and NaN/Inf intensities of an image."""
+        array = np.asarray(img)
+        channels = array.shape[0]
+        if self.image_channels is not None and channels != self.image_channels:
+            self.add(
+                where,
+                f"{paths[0] if len(paths) == 1 else paths}: expected {self.image_channels} image channel(s), "
+                f"found {channels} (shape {tuple(array.shape)}, channels first)",
+            )
+        if not np.issubdtype(array.dtype, np.floating):
+            return
+        for c in range(channels):
+            bad_nan = int(np.isnan(array[c]).sum())
+            bad_inf = int(np.isinf(array[c]).sum())
+            if bad_nan or bad_inf:
+                file = paths[c] if len(paths) == channels else (paths[0] if len(paths) == 1 else paths)
+                self.add(
+                    where,
+                    f"{file}: expected finite intensities, found {bad_nan} NaN and {bad_inf} Inf voxel(s) "
+                    f"in channel {c}",
+                )
+
+    def check_label(self, where: str, lbl: Any, path: str) -> None:
+        """Channel count and label values (integers in [0, num_classes)) of a label."""
+        array = np.asarray(lbl)
+        if array.shape[0] != 1:
+            self.add(
+                where,
+                f"{path}: expected a label with 1 channel (class indices), found {array.shape[0]} channels "
+                f"(shape {tuple(array.shape)}, channels first)",
+            )
+        values = np.unique(array)
+        finite = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
+        if len(finite) != len(values):
+            self.add(where, f"{path}: expected integer class indices, found NaN or Inf values")
+        non_integer = finite[finite != np.round(finite)]
+        if len(non_integer):
+            self.add(
+                where,
+                f"{path}: expected integer class indices, found non-integer values {_format_values(non_integer)}",
+            )
+        if self.num_classes > 0:
+            integers = finite[finite == np.round(finite)]
+            out_of_range = integers[(integers < 0) | (integers >= self.num_classes)]
+            if len(out_of_range):
+                self.add(
+                    where,
+                    f"{path}: expected class indices in [0, {self.num_classes}) for num_classes="
+                    f"{self.num_classes}, found {_format_values(out_of_range)}",
+                )
+
+    def check_pair(self, where: str, img: Any, lbl: Any, image_value: Any, label_path: str) -> None:
+        """Spatial shape and affine of a label against its image."""
+        image_shape = tuple(img.shape[1:])
+        label_shape = tuple(lbl.shape[1:])
+        if image_shape != label_shape:
+            self.add(
+                where,
+                f"{label_path}: expected the image's spatial shape {image_shape} (image {image_value}), "
+                f"found {label_shape}",
+            )
+            return
+        image_affine = np.asarray(getattr(img, "affine", np.eye(4)), dtype=float)
+        label_affine = np.asarray(getattr(lbl, "affine", np.eye(4)), dtype=float)
+        if image_affine.shape != label_affine.shape:
+            self.add(where, f"{label_path}: affine is {label_affine.shape}, the image's is {image_affine.shape}")
+            return
+        diff = float(np.max(np.abs(image_affine - label_affine)))
+        if diff > AFFINE_TOLERANCE:
+            self.add(
+                where,
+                f"{label_path}: expected the image's affine {_format_affine(image_affine)} (image {image_value}), "
+                f"found {_format_affine(label_affine)} (max difference {diff:.4g} > {AFFINE_TOLERANCE:g})",
+            )
+
+
+def find_problems(
+    datalist: Mapping[str, Any] | str | os.PathLike,
+    dataset_dir: str | os.PathLike | None,
+    num_classes: int,
+    image_channels: int | None = None,
+    splits: Sequence[str] = ("training", "validation"),
+    image_key: str = "image",
+    label_key: str = "label",
+    require_label: bool = True,
+    require_image: bool = True,
+    datalist_name: str = "datalist",
+) -> list[str]:
+    """Check every entry of the given splits and return every problem found (an empty list: all good).
+
+    Each message names the split, the entry index, the key and the file, and says what was expected and
+    what was found. Detected: a split missing or empty; an entry that is not an object or lacks a required
+    key; a missing or unreadable file; NaN/Inf image intensities; a wrong image channel count; a label with
+    more than one channel, non-integer values or values outside ``[0, num_classes)``; image/label spatial
+    shapes or affines (tolerance :data:`AFFINE_TOLERANCE`) that differ.
+
+    Args:
+        datalist: the datalist, or the path of its JSON file.
+        dataset_dir: folder the datalist's paths are relative to; None: the datalist file's folder (only
+            when ``datalist`` is a path).
+        num_classes: number of label classes including background; 0 skips the range check (unconditional
+            models do not read labels as classes).
+        image_channels: expected image channels; None: not checked.
+        splits: the splits to check (default training and validation).
+        image_key: entry key of the image (default ``"image"``).
+        label_key: entry key of the label (default ``"label"``).
+        require_label: report entries without a label (default True); False for image-only datalists.
+        require_image: report entries without an image (default True); False for mask-only datalists, e.g.
+            masks to generate images from.
+        datalist_name: name in messages (default ``"datalist"``; the file path when ``datalist`` is a path).
+    """
+    if isinstance(datalist, (str, os.PathLike)):
+        if datalist_name == "datalist":
+            datalist_name = os.fspath(datalist)
+        if dataset_dir is None:
+            dataset_dir = os.path.dirname(os.path.abspath(os.fspath(datalist)))
+        datalist = load_datalist(datalist)
+    if dataset_dir is None:
+        raise ValueError(f"{datalist_name}: dataset_dir is required when the datalist is not a file")
+    if isinstance(splits, str):
+        splits = [splits]
+    if num_classes is None or int(num_classes) < 0:
+        raise ValueError(f"num_classes must be an integer >= 0, found {num_classes!r}")
+    channels = None if image_channels is None else int(image_channels)
+    checker = _Checker(os.fspath(dataset_dir), int(num_classes), channels)
+
+    for split in splits:
+        entries = datalist.get(split)
+        if entries is None:
+            checker.add(split, f"split missing from {datalist_name} (its keys: {sorted(datalist)})")
+            continue
+        if not isinstance(entries, list):
+            checker.add(split, f"expected a list of entries, found {type(entries).__name__}")
+            continue
+        if not entries:
+            checker.add(split, "split is empty: expected at least one entry")
+            continue
+        for index, entry in enumerate(entries):
+            where = f"{split}[{index}]"
+            if not isinstance(entry, Mapping):
+                expected = f"{{{image_key!r}: ..., {label_key!r}: ...}}"
+                checker.add(where, f"expected an object like {expected}, found {entry!r}")
+                continue
+            loaded = {}
+            for key, required in ((image_key, require_image), (label_key, require_label)):
+                if key not in entry:
+                    if required:
+                        checker.add(f"{where} {key!r}", f"expected a {key!r} key, found keys {sorted(entry)}")
+                    continue
+                paths = _paths(entry[key])
+                if paths is None:
+                    checker.add(f"{where} {key!r}", f"expected a file path or a list of paths, found {entry[key]!r}")
+                    continue
+                if key == label_key and len(paths) != 1:
+                    checker.add(f"{where} {key!r}", f"expected one label file, found {len(paths)}: {paths}")
+                    continue
+                data = checker.load(f"{where} {key!r}", entry[key], paths)
+                if data is None:
+                    continue
+                if key == image_key:
+                    checker.check_image(f"{where} {key!r}", data, paths)
+                else:
+                    checker.check_label(f"{where} {key!r}", data, paths[0])
+                loaded[key] = (data, paths)
+            if image_key in loaded and label_key in loaded:
+                img, image_paths = loaded[image_key]
+                lbl, label_paths = loaded[label_key]
+                image_value = image_paths[0] if len(image_paths) == 1 else image_paths
+                checker.check_pair(f"{where} {label_key!r}", img, lbl, image_value, label_paths[0])
+    return checker.problems
+
+
+def check_datalist(
+    datalist: Mapping[str, Any] | str | os.PathLike,
+    dataset_dir: str | os.PathLike | None,
+    num_classes: int,
+    image_channels: int | None = None,
+    splits: Sequence[str] = ("training", "validation"),
+    image_key: str = "image",
+    label_key: str = "label",
+    require_label: bool = True,
+    require_image: bool = True,
+    datalist_name: str = "datalist",
+) -> int:
+    """Check a datalist like :func:`find_problems` and raise if anything is wrong.
+
+    Meant as the first step of a bundle (``initialize``) so a bad file fails in seconds, not hours in.
+    Arguments are those of :func:`find_problems`.
+
+    Returns:
+        the number of entries checked.
+
+    Raises:
+        DataCheckError: with every problem, one per line.
+    """
+    if isinstance(datalist, (str, os.PathLike)):
+        if datalist_name == "datalist":
+            datalist_name = os.fspath(datalist)
+        if dataset_dir is None:
+            dataset_dir = os.path.dirname(os.path.abspath(os.fspath(datalist)))
+        datalist = load_datalist(datalist)
+    if isinstance(splits, str):
+        splits = [splits]
+    problems = find_problems(
+        datalist,
+        dataset_dir,
+        num_classes,
+        image_channels=image_channels,
+        splits=splits,
+        image_key=image_key,
+        label_key=label_key,
+        require_label=require_label,
+        require_image=require_image,
+        datalist_name=datalist_name,
+    )
+    if problems:
+        raise DataCheckError(problems, datalist_name)
+    return sum(len(datalist[s]) for s in splits)

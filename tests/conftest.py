@@ -1,0 +1,51 @@
+"""Shared helpers for the unit tests: tiny networks and NIfTI files with a known, non-trivial affine."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+#: a non-diagonal-free affine with anisotropic spacing and an offset, so that a lost affine cannot pass for identity
+TEST_AFFINE = np.array(
+    [
+        [1.5, 0.0, 0.0, -10.0],
+        [0.0, 2.0, 0.0, 5.0],
+        [0.0, 0.0, 3.0, 2.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+
+@pytest.fixture
+def write_nifti():
+    """``write_nifti(path, data, affine=TEST_AFFINE)`` saves ``data`` as NIfTI and returns the path as a string."""
+
+    def _write(path, data, affine=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(data), TEST_AFFINE if affine is None else affine), str(path))
+        return str(path)
+
+    return _write
+
+
+@pytest.fixture
+def tiny_unet():
+    """``tiny_unet(in_channels, out_channels, spatial_dims=2)``: the smallest DiffusionModelUNet with attention."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    def _build(in_channels, out_channels, spatial_dims=2, seed=0):
+        torch.manual_seed(seed)
+        return DiffusionModelUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=(8, 16),
+            attention_levels=(False, True),
+            num_res_blocks=1,
+            num_head_channels=8,
+            norm_num_groups=8,
+        )
+
+    return _build
