@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-#: a non-diagonal-free affine with anisotropic spacing and an offset, so that a lost affine cannot pass for identity
+#: anisotropic spacing and an offset, so that a lost affine cannot pass for identity
 TEST_AFFINE = np.array(
     [
         [1.5, 0.0, 0.0, -10.0],
@@ -49,3 +49,20 @@ def tiny_unet():
         )
 
     return _build
+
+
+@pytest.fixture
+def affine():
+    """The affine :func:`write_nifti` uses by default (a copy, so tests cannot change it for each other)."""
+    return TEST_AFFINE.copy()
+
+
+@pytest.fixture
+def loaded_label(tmp_path, write_nifti):
+    """A real MetaTensor label map (1, 6, 5, 4) with classes 0..2, loaded from ``masks/case7.nii.gz`` as the bundles
+    load it."""
+    from monai.transforms import LoadImage
+
+    data = (np.arange(120) % 3).reshape(6, 5, 4).astype(np.uint8)
+    path = write_nifti(tmp_path / "masks" / "case7.nii.gz", data)
+    return LoadImage(image_only=True, ensure_channel_first=True)(path)

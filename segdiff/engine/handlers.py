@@ -182,8 +182,9 @@ class SampleGridHandler:
         target = torch.as_tensor(self._batch[self.keys[1]])[: self.num_images]
         device = next(self.network.parameters()).device
         samples = self.sampler(condition.to(device), self.network)[:, : target.shape[1]].cpu()
-        panel = make_panel(
-            [condition, samples, target], kinds=[self.kinds[0], self.kinds[1], self.kinds[1]]
-        )
+        columns, kinds = [samples, target], [self.kinds[1], self.kinds[1]]
+        if condition.shape[1] > 0:  # an unconditional model has no condition to show
+            columns, kinds = [condition] + columns, [self.kinds[0]] + kinds
+        panel = make_panel(columns, kinds=kinds)
         self.writer.add_image(self.tag, panel, engine.state.epoch, dataformats="HWC")
         self.writer.flush()

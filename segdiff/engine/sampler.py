@@ -119,6 +119,12 @@ class ConditionalDiffusionSampler:
     # -- sampling ------------------------------------------------------------------------------------------------
     def _timesteps(self, device: torch.device) -> torch.Tensor:
         self.scheduler.set_timesteps(self.num_inference_steps, device=device)
+        if isinstance(self.scheduler, DDIMScheduler):
+            # MONAI's DDIM spaces timesteps by linspace (999, 979, 958, ...) but steps from t to t - T // n; use the
+            # timesteps that step rule agrees with: (n - 1) * T // n, ..., T // n, 0 (980, 960, ..., 0 for 50 steps,
+            # the spacing of diffusers' and Konz et al.'s DDIM).
+            stride = self.scheduler.num_train_timesteps // self.num_inference_steps
+            self.scheduler.timesteps = torch.arange(self.num_inference_steps - 1, -1, -1, device=device) * stride
         timesteps = self.scheduler.timesteps
         if self.strength < 1.0:
             start = int(round(self.strength * (self.scheduler.num_train_timesteps - 1)))
@@ -130,15 +136,15 @@ class ConditionalDiffusionSampler:
         self,
         condition: torch.Tensor | None,
         network: torch.nn.Module,
-        shape: Sequence[int],
+        noise: torch.Tensor,
         initial: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress_bar: tqdm | None = None,
     ) -> torch.Tensor:
-        """Run the reverse process for one chunk of ``shape`` (N, target_channels, *spatial)."""
+        """Run the reverse process for one chunk, from ``noise`` (N, target_channels, *spatial)."""
         device = next(network.parameters()).device
         timesteps = self._timesteps(device)
-        x = torch.randn(tuple(shape), generator=generator, device=device)
+        x = noise.to(device)
         if self.strength < 1.0:
             if initial is None:
                 raise ValueError("strength < 1 needs a real image to start from (the 'initial' input).")
@@ -169,9 +175,7 @@ class ConditionalDiffusionSampler:
         device = next(network.parameters()).device
         was_training = network.training
         network.eval()
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        generator = None if self.seed is None else torch.Generator(device=device)
         cases = [to_network_units(torch.as_tensor(c), self.spatial_dims, self.slice_axis) for c in inputs]
         units_total = sum(c.shape[0] for c in cases) * self.num_samples
         num_steps = len(self._timesteps(device))
@@ -186,20 +190,27 @@ class ConditionalDiffusionSampler:
             for index, units in enumerate(cases):
                 case_size = units.shape[2:]
                 model_size = self.image_size or case_size
-                condition = resize(units.float(), model_size, "nearest").to(device)
-                condition = condition.repeat_interleave(self.num_samples, dim=0)
+                num_units = units.shape[0] * self.num_samples
+                condition = None
+                if self.conditional:
+                    condition = resize(units.float(), model_size, "nearest").to(device)
+                    condition = condition.repeat_interleave(self.num_samples, dim=0)
                 start = None
                 if initial is not None:
                     start = to_network_units(torch.as_tensor(initial[index]).float(), self.spatial_dims, self.slice_axis)
                     start = resize(start, model_size, "linear").repeat_interleave(self.num_samples, dim=0)
+                if generator is not None:
+                    generator.manual_seed(int(self.seed))  # each case from the seed: independent of the others
+                # all of a case's noise at once, so that chunking (a memory setting) cannot change the samples
+                noise = torch.randn((num_units, self.target_channels, *model_size), generator=generator, device=device)
                 samples = []
-                for lo in range(0, condition.shape[0], self.batch_size):
-                    hi = min(lo + self.batch_size, condition.shape[0])
+                for lo in range(0, num_units, self.batch_size):
+                    hi = min(lo + self.batch_size, num_units)
                     samples.append(
                         self.denoise(
-                            condition[lo:hi] if self.conditional else None,
+                            None if condition is None else condition[lo:hi],
                             network,
-                            (hi - lo, self.target_channels, *model_size),
+                            noise[lo:hi],
                             None if start is None else start[lo:hi],
                             generator,
                             bar,

@@ -1,4 +1,4 @@
 """Evaluation: reference segmenters and the faithfulness of generated images to their masks."""
 
-from .faithfulness import evaluate_faithfulness, markdown_table
+from .faithfulness import check_generated_exist, evaluate_faithfulness, markdown_table
 from .segmenter import per_class_dice, segment_case

@@ -17,9 +17,26 @@ from monai.transforms import LoadImage
 from segdiff.evaluation.segmenter import per_class_dice, segment_case
 from segdiff.transforms.io import sample_output_paths
 
-__all__ = ["evaluate_faithfulness", "markdown_table"]
+__all__ = ["check_generated_exist", "evaluate_faithfulness", "markdown_table"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_generated_exist(entries: Sequence[Mapping[str, Any]], generated_dir: str, num_samples: int = 1) -> int:
+    """Stop before any training if a mask's generated image is missing; returns the number of images found."""
+    missing, found = [], 0
+    for entry in entries:
+        for path in sample_output_paths(entry["label"], generated_dir, num_samples, "image"):
+            if os.path.exists(path):
+                found += 1
+            else:
+                missing.append(path)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} generated image(s) missing in {generated_dir}, e.g. {missing[0]}: run inference.yaml "
+            "first with the same output_dir and num_samples."
+        )
+    return found
 
 
 def _summary(rows: list[np.ndarray], class_names: Sequence[str]) -> dict[str, Any]:
@@ -84,11 +101,9 @@ def evaluate_faithfulness(
     device = next(segmenter.parameters()).device
     loader = LoadImage(image_only=True, ensure_channel_first=True)
     generated_rows, real_rows, cases = [], [], []
+    check_generated_exist(entries, generated_dir, num_samples)
     for entry in entries:
         paths = sample_output_paths(entry["label"], generated_dir, num_samples, "image")
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            raise FileNotFoundError(f"generated image {missing[0]} for mask {entry['label']} is missing: run inference first.")
         real = load_real(dict(entry))
         mask = torch.as_tensor(real["label"])[0]
         case = {"label": str(entry["label"]), "generated_dice": [], "real_dice": None}

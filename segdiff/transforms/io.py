@@ -105,11 +105,14 @@ class SaveSamplesd(MapTransform):
                 raise TypeError(f"SaveSamplesd needs a MetaTensor under {key!r} (it carries the case's affine).")
             source = stacked.meta.get("filename_or_obj", "case")
             paths = sample_output_paths(source, self.output_dir, self.num_samples, self.output_postfix)
+            if stacked.shape[0] % self.num_samples:
+                raise ValueError(f"{key!r} has {stacked.shape[0]} channels, not a multiple of num_samples={self.num_samples}.")
             channels = stacked.shape[0] // self.num_samples
+            existing = [p for p in paths if os.path.exists(p)]
+            if existing and not self.overwrite:  # checked for all samples before any is written
+                raise FileExistsError(f"{existing[0]} exists; set 'overwrite' to true to replace it.")
             os.makedirs(self.output_dir, exist_ok=True)
             for k, path in enumerate(paths):
-                if os.path.exists(path) and not self.overwrite:
-                    raise FileExistsError(f"{path} exists; set 'overwrite' to true to replace it.")
                 sample = stacked[k * channels : (k + 1) * channels]
                 self.writer(sample, meta_data=stacked.meta, filename=path[: -len(".nii.gz")])
         return d

@@ -69,16 +69,17 @@ class EncodeMask(Transform):
             raise ValueError(f"EncodeMask expects a single-channel label map, got shape {tuple(label_t.shape)}.")
         index = torch.as_tensor(label_t).round().long()
         if self.num_classes == 0:
-            return torch.zeros((0, *index.shape[1:]), dtype=torch.float32, device=index.device)
-        if index.numel() and (index.min() < 0 or index.max() >= self.num_classes):
+            encoded = torch.zeros((0, *index.shape[1:]), dtype=torch.float32, device=index.device)
+        elif index.numel() and (index.min() < 0 or index.max() >= self.num_classes):
             bad = torch.unique(index[(index < 0) | (index >= self.num_classes)])[:5].tolist()
             raise ValueError(f"label values {bad} lie outside [0, {self.num_classes}) (num_classes={self.num_classes}).")
-        if self.encoding == "onehot":
+        elif self.encoding == "onehot":
             encoded = torch.zeros((self.num_classes, *index.shape[1:]), dtype=torch.float32, device=index.device)
             encoded.scatter_(0, index, 1.0)
         else:
             encoded = index.float() / 255.0
-        encoded = encoded * (self.high - self.low) + self.low
+        if self.num_classes:
+            encoded = encoded * (self.high - self.low) + self.low
         if isinstance(label_t, MetaTensor):
             return MetaTensor(encoded, meta=label_t.meta, applied_operations=label_t.applied_operations)
         return encoded
@@ -128,7 +129,7 @@ class MaskAblation(Transform):
     backend = [torch.Tensor]
 
     def __init__(self, drop_classes: Sequence[int] | None = None, keep_classes: Sequence[int] | None = None) -> None:
-        if drop_classes and keep_classes:
+        if drop_classes and keep_classes is not None:
             raise ValueError("give either drop_classes or keep_classes, not both.")
         if drop_classes and 0 in drop_classes:
             raise ValueError("drop_classes may not contain 0: background is always specified.")
@@ -136,11 +137,13 @@ class MaskAblation(Transform):
         self.keep_classes = None if keep_classes is None else [int(c) for c in keep_classes]
 
     def classes_to_drop(self, num_classes: int) -> list[int]:
+        """Foreground classes whose channels are zeroed for a ``num_classes``-channel mask."""
+        name, classes = ("keep_classes", self.keep_classes) if self.keep_classes is not None else ("drop_classes", self.drop_classes)
+        bad = [c for c in classes if not 0 < c < num_classes]
+        if bad:
+            raise ValueError(f"{name} {bad} are not foreground classes of a {num_classes}-class mask (1..{num_classes - 1}).")
         if self.keep_classes is not None:
             return [c for c in range(1, num_classes) if c not in self.keep_classes]
-        bad = [c for c in self.drop_classes if not 0 < c < num_classes]
-        if bad:
-            raise ValueError(f"drop_classes {bad} are not foreground classes of a {num_classes}-class mask.")
         return [int(c) for c in self.drop_classes]
 
     def __call__(self, mask: torch.Tensor) -> torch.Tensor:
