@@ -26,13 +26,14 @@ BUNDLE = REPO / "bundles" / "mask_to_image"
 
 
 def bundle_run(config_files: list[str], overrides: dict, run_id: str | None = None) -> None:
-    """``python -m monai.bundle run [run_id] --config_file [...] --key value ...`` in the bundle folder."""
+    """``python -m monai.bundle run [run_id] --config_file [...] --key value ...`` in the bundle folder; values are
+    passed as written (Python literals)."""
     command = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else [])
     command += ["--config_file", repr(config_files)]
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     print("\n$ " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, cwd=BUNDLE, check=True)
+    subprocess.run(command, cwd=BUNDLE, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
 def write_figure(datalist_path: Path, dataset_dir: Path, generated_dir: Path, path: Path, rows: int = 4) -> None:
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    import yaml
 
     from segdiff.data.demo import write_demo_data
 
@@ -98,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     bundle_run(configs("inference"), dict(common, overwrite=True))
     timings["sampling"] = time.time() - t
 
+    # evaluate.yaml has no diffusion network: pass it the preset's other keys (image_size, segmenter settings)
     t = time.time()
-    bundle_run(configs("evaluate"), common)
+    preset_keys = yaml.safe_load((REPO / "configs" / f"demo_{preset}.yaml").read_text())
+    evaluate = {k: repr(v) for k, v in preset_keys.items() if not k.startswith("network_def")}
+    bundle_run(["configs/evaluate.yaml"], dict(common, **evaluate))
     timings["evaluation"] = time.time() - t
 
     figure = output / "figure.png"

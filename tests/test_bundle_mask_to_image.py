@@ -137,6 +137,18 @@ def test_3d_model_trains_and_generates_volumes_on_the_mask_grid(tmp_path):
     assert_on_mask_grid(outputs[0], tmp_path / "data" / "labels" / "case4.nii.gz")
 
 
+def test_3d_model_trained_on_random_crops_generates_at_native_size(tmp_path):
+    """roi_size: training on random crops at native resolution, sampling on the whole volume (padded to a size
+    the network can halve, then cropped back)."""
+    write_dataset(tmp_path / "data", shape=(13, 16, 10))
+    extra = {"spatial_dims": 3, "image_size": [8, 8, 8], "roi_size": [8, 8, 8]}
+    run_bundle(BUNDLE, ["train.yaml"], run_id="training", **{**settings(tmp_path / "data", tmp_path / "b", max_epochs=1, **TINY_TRAINING), **extra})
+    run_bundle(BUNDLE, ["inference.yaml"], **{**settings(tmp_path / "data", tmp_path / "b", num_inference_steps=2), **extra})
+    outputs = sorted((tmp_path / "b" / "outputs" / "generated").glob("*_image.nii.gz"))
+    assert len(outputs) == 2
+    assert_on_mask_grid(outputs[0], tmp_path / "data" / "labels" / "case4.nii.gz")
+
+
 def test_2d_files_and_multichannel_images(tmp_path):
     """2D NIfTI image/label pairs as they are, with 2 image channels (e.g. two MRI sequences)."""
     write_dataset(tmp_path / "data", shape=(20, 24), image_channels=2)
@@ -147,6 +159,34 @@ def test_2d_files_and_multichannel_images(tmp_path):
     image = nib.load(str(output))
     assert image.shape[:2] == (20, 24) and image.shape[-1] == 2 and image.ndim in (3, 4)  # channels last
     np.testing.assert_allclose(image.affine, nib.load(str(tmp_path / "data" / "labels" / "case4.nii.gz")).affine, atol=1e-5)
+
+
+def test_png_data_in_the_seg_guided_diffusion_layout(tmp_path):
+    """DATA/{train,val,test}/*.png with masks in MASK/all/{train,val,test}: datalist, training and inference."""
+    from PIL import Image
+
+    from segdiff.data.datalist import build_datalist, save_datalist
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("val", 1), ("test", 1)):
+        (tmp_path / "DATA" / split).mkdir(parents=True)
+        (tmp_path / "MASK" / "all" / split).mkdir(parents=True)
+        for k in range(count):
+            mask = np.zeros((24, 20), np.uint8)
+            mask[4 + k : 18, 3:15] = 1
+            mask[8:12, 6 + k : 12] = 2
+            image = np.clip(mask * 90 + rng.normal(40, 8, mask.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / "DATA" / split / f"{split}{k}.png")
+            Image.fromarray(mask).save(tmp_path / "MASK" / "all" / split / f"{split}{k}.png")
+    save_datalist(build_datalist(str(tmp_path)), str(tmp_path / "datalist.json"))
+    common = settings(tmp_path, tmp_path / "b")
+    run_bundle(BUNDLE, ["train.yaml"], run_id="training", **common, max_epochs=1, **{**TINY_TRAINING, "slices_per_volume": 1})
+    run_bundle(BUNDLE, ["inference.yaml"], **common, num_inference_steps=2)
+    from monai.transforms import LoadImage
+
+    output = nib.load(str(tmp_path / "b" / "outputs" / "generated" / "test0_image.nii.gz"))
+    mask = LoadImage(image_only=True)(str(tmp_path / "MASK" / "all" / "test" / "test0.png"))
+    assert output.shape == tuple(mask.shape)  # the mask's grid as MONAI's PNG reader sees it
 
 
 def test_unconditional_model_num_classes_0(tmp_path):

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from tqdm.auto import tqdm
@@ -65,7 +66,8 @@ class ConditionalDiffusionSampler:
         target_channels: channels of the generated tensor (image channels, or encoded mask channels).
         spatial_dims: 2 or 3, the network's spatial dimensions.
         image_size: spatial size the network was trained on; the condition is resized to it and samples back.
-            None keeps the input size.
+            None runs the network on the case's own size (for models trained on random crops at native
+            resolution), zero-padded up to a multiple of ``size_divisor`` and cropped back.
         num_samples: samples drawn per case (ensemble members), generated together.
         slice_axis: for a 2D network and 3D input, the spatial axis the volume is cut along.
         batch_size: network inputs per forward pass (slices x samples are split into chunks of this size).
@@ -76,6 +78,7 @@ class ConditionalDiffusionSampler:
         seed: seed of the sampling noise; every call restarts from it, so a case's samples do not depend on the order
             of the cases. None draws from torch's global generator.
         progress: show a progress bar.
+        size_divisor: with ``image_size=None``, pad inputs to a multiple of this (2 ** (levels - 1) of the network).
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class ConditionalDiffusionSampler:
         amp: bool = False,
         seed: int | None = 0,
         progress: bool = True,
+        size_divisor: int = 1,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -115,6 +119,26 @@ class ConditionalDiffusionSampler:
         self.amp = amp
         self.seed = seed
         self.progress = progress
+        self.size_divisor = max(int(size_divisor), 1)
+
+    # -- grids ---------------------------------------------------------------------------------------------------
+    def _model_size(self, case_size: Sequence[int]) -> tuple[int, ...]:
+        if self.image_size is not None:
+            return self.image_size
+        return tuple(math.ceil(s / self.size_divisor) * self.size_divisor for s in case_size)
+
+    def _to_model(self, x: torch.Tensor, model_size: Sequence[int], mode: str) -> torch.Tensor:
+        if self.image_size is not None:
+            return resize(x, model_size, mode)
+        pad = []
+        for have, want in zip(reversed(x.shape[2:]), reversed(model_size)):
+            pad += [0, want - have]
+        return F.pad(x, pad)  # zeros: an "unspecified" condition, a mid-grey start
+
+    def _to_case(self, x: torch.Tensor, case_size: Sequence[int]) -> torch.Tensor:
+        if self.image_size is not None:
+            return resize(x, case_size, "linear")
+        return x[(slice(None), slice(None), *[slice(0, s) for s in case_size])]
 
     # -- sampling ------------------------------------------------------------------------------------------------
     def _timesteps(self, device: torch.device) -> torch.Tensor:
@@ -189,16 +213,16 @@ class ConditionalDiffusionSampler:
         try:
             for index, units in enumerate(cases):
                 case_size = units.shape[2:]
-                model_size = self.image_size or case_size
+                model_size = self._model_size(case_size)
                 num_units = units.shape[0] * self.num_samples
                 condition = None
                 if self.conditional:
-                    condition = resize(units.float(), model_size, "nearest").to(device)
+                    condition = self._to_model(units.float(), model_size, "nearest").to(device)
                     condition = condition.repeat_interleave(self.num_samples, dim=0)
                 start = None
                 if initial is not None:
                     start = to_network_units(torch.as_tensor(initial[index]).float(), self.spatial_dims, self.slice_axis)
-                    start = resize(start, model_size, "linear").repeat_interleave(self.num_samples, dim=0)
+                    start = self._to_model(start, model_size, "linear").repeat_interleave(self.num_samples, dim=0)
                 if generator is not None:
                     generator.manual_seed(int(self.seed))  # each case from the seed: independent of the others
                 # all of a case's noise at once, so that chunking (a memory setting) cannot change the samples
@@ -216,7 +240,7 @@ class ConditionalDiffusionSampler:
                             bar,
                         )
                     )
-                out = resize(torch.cat(samples).float(), case_size, "linear")
+                out = self._to_case(torch.cat(samples).float(), case_size)
                 # (N * S, C, ...) -> S x (N, C, ...) -> S x (C, *case) -> (S * C, *case)
                 out = out.reshape(units.shape[0], self.num_samples, *out.shape[1:]).transpose(0, 1)
                 out = torch.cat(
