@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from monai.engines import DiffusionPrepareBatch, PrepareBatch
+from monai.networks.schedulers import Scheduler
 
 __all__ = ["ConditionalDiffusionPrepareBatch", "SamplingPrepareBatch"]
 
@@ -18,18 +19,37 @@ __all__ = ["ConditionalDiffusionPrepareBatch", "SamplingPrepareBatch"]
 class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
     """Training batches for :class:`monai.inferers.DiffusionInferer` in ``"concat"`` mode.
 
-    Returns ``(target, noise, (), {"noise", "timesteps", "condition", "mode"})``: the inferer noises the target at
-    random timesteps, concatenates the condition along channels and predicts the noise, which is the loss target.
+    Returns ``(target, loss_target, (), {"noise", "timesteps", "condition", "mode"})``: the inferer noises the target
+    at random timesteps, concatenates the condition along channels and predicts the loss target (by default the
+    noise).
 
     Args:
         num_train_timesteps: number of timesteps of the training noise schedule.
         target_key: batch key of the tensor being generated.
         condition_key: batch key of the conditioning tensor, or None for an unconditional model.
+        scheduler: the training noise scheduler; its ``prediction_type`` decides the loss target: the noise
+            (``"epsilon"``, default and Konz et al.'s), the velocity (``"v_prediction"``) or the clean target
+            (``"sample"``). None means epsilon.
     """
 
-    def __init__(self, num_train_timesteps: int, target_key: str = "image", condition_key: str | None = "label") -> None:
+    def __init__(
+        self,
+        num_train_timesteps: int,
+        target_key: str = "image",
+        condition_key: str | None = "label",
+        scheduler: Scheduler | None = None,
+    ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_key)
         self.target_key = target_key
+        self.prediction_type = getattr(scheduler, "prediction_type", "epsilon")
+        self.scheduler = scheduler
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)  # type: ignore[union-attr]
+        if self.prediction_type == "sample":
+            return images
+        return noise
 
     def __call__(
         self,

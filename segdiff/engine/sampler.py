@@ -31,8 +31,10 @@ def build_scheduler(
     beta_start: float = 1e-4,
     beta_end: float = 2e-2,
     clip_sample: bool = True,
+    prediction_type: str = "epsilon",
 ) -> Scheduler:
-    """A MONAI scheduler by name (``"ddpm"`` or ``"ddim"``) with the training noise schedule's parameters."""
+    """A MONAI scheduler by name (``"ddpm"`` or ``"ddim"``) with the training noise schedule's parameters and the
+    network's ``prediction_type`` (``"epsilon"``, ``"v_prediction"`` or ``"sample"``)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
@@ -42,6 +44,7 @@ def build_scheduler(
         beta_start=beta_start,
         beta_end=beta_end,
         clip_sample=clip_sample,
+        prediction_type=prediction_type,
     )
 
 

@@ -12,3 +12,16 @@ from .mask import (
 )
 from .slicing import RandSliced
 from .io import SaveSamplesd, check_outputs_free, existing_outputs, sample_output_paths
+from .ensemble import (
+    FUSIONS,
+    UNCERTAINTIES,
+    EnsembleUncertainty,
+    EnsembleUncertaintyd,
+    FuseEnsemble,
+    FuseEnsembled,
+    MeanProbability,
+    MeanProbabilityd,
+    MemberLabels,
+    MemberLabelsd,
+    member_probabilities,
+)
