@@ -68,7 +68,8 @@ class TrainingCheckpoint:
         save_dir: the bundle's ``models`` folder.
         save_dict: name -> object with ``state_dict``/``load_state_dict``; the trainer it is attached to is added as
             ``"trainer"`` (epoch and iteration).
-        export_model: the network whose weights become ``model.pt`` (the EMA copy of ``network_def``).
+        export_model: the network whose weights become ``model.pt`` (the EMA copy of ``network_def``); None when
+            another handler writes ``model.pt`` (e.g. a CheckpointSaver keeping the best validation model).
         resume: continue from ``checkpoint.pt`` if it exists. If it exists and ``resume`` is False, training stops
             before it starts instead of overwriting the earlier run.
         save_interval: epochs between checkpoints.
@@ -81,7 +82,7 @@ class TrainingCheckpoint:
         self,
         save_dir: str | os.PathLike,
         save_dict: Mapping[str, Any],
-        export_model: torch.nn.Module,
+        export_model: torch.nn.Module | None,
         resume: bool = False,
         save_interval: int = 1,
         model_filename: str = "model.pt",
@@ -125,9 +126,12 @@ class TrainingCheckpoint:
             return  # data-parallel training: rank 0 writes
         state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
         atomic_torch_save(state, self.checkpoint_path)
-        atomic_torch_save(self.export_model.state_dict(), self.model_path)
+        saved = [self.checkpoint_path]
+        if self.export_model is not None:
+            atomic_torch_save(self.export_model.state_dict(), self.model_path)
+            saved.append(self.model_path)
         self._last_saved_epoch = engine.state.epoch
-        logger.info(f"epoch {engine.state.epoch}: saved {self.model_path} and {self.checkpoint_path}")
+        logger.info(f"epoch {engine.state.epoch}: saved " + " and ".join(map(str, saved)))
 
 
 class SampleGridHandler:

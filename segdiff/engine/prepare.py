@@ -72,12 +72,14 @@ class SamplingPrepareBatch(PrepareBatch):
     """Inference batches for :class:`segdiff.engine.ConditionalDiffusionSampler`.
 
     The condition (which also fixes the output grid) is the input; an optional real ``initial_key`` image is passed on
-    for partial-noise sampling (``strength < 1``).
+    for partial-noise sampling (``strength < 1``); an optional ``label_key`` becomes the evaluator's ``label`` (the
+    reference that validation metrics compare the samples with).
     """
 
-    def __init__(self, condition_key: str = "label", initial_key: str | None = None) -> None:
+    def __init__(self, condition_key: str = "label", initial_key: str | None = None, label_key: str | None = None) -> None:
         self.condition_key = condition_key
         self.initial_key = initial_key
+        self.label_key = label_key
 
     def __call__(
         self,
@@ -85,9 +87,10 @@ class SamplingPrepareBatch(PrepareBatch):
         device: str | torch.device | None = None,
         non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, None, tuple, dict]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict]:
         condition = batchdata[self.condition_key].to(device, non_blocking=non_blocking, **kwargs)
         extra = {}
         if self.initial_key is not None:
             extra["initial"] = batchdata[self.initial_key].to(device, non_blocking=non_blocking, **kwargs)
-        return condition, None, (), extra
+        label = None if self.label_key is None else batchdata[self.label_key].to(device, non_blocking=non_blocking)
+        return condition, label, (), extra

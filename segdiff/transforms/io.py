@@ -15,7 +15,9 @@ from monai.transforms import MapTransform, SaveImage
 __all__ = ["SaveSamplesd", "check_outputs_free", "existing_outputs", "sample_output_paths"]
 
 
-def _case_name(path: str | os.PathLike) -> str:
+def _case_name(path: str | os.PathLike | list) -> str:
+    if isinstance(path, (list, tuple)):  # one file per channel: named after the first, as MONAI's SaveImage does
+        path = path[0]
     name = Path(str(path)).name
     for ext in (".nii.gz", ".nii", ".png", ".mha", ".nrrd", ".mhd"):
         if name.endswith(ext):
