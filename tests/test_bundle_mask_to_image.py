@@ -58,8 +58,15 @@ def test_training_writes_ema_weights_checkpoint_and_tensorboard(trained_2d):
     assert set(weights) == network_keys  # model.pt is a plain state dict of network_def
     assert first["trainer"]["iteration"] == first["trainer"]["epoch_length"]  # saved after epoch 1
     assert not list(models.glob(".*tmp*")), "no temporary files may remain after an atomic save"
-    events = list((root / "bundle" / "outputs" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and max(e.stat().st_size for e in events) > 1000  # scalars and the sample grid image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {"scalars": set(), "images": set()}
+    for events in (root / "bundle" / "outputs" / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events)).Reload()
+        for kind in tags:
+            tags[kind] |= set(accumulator.Tags()[kind])
+    assert {"train_loss", "lr", "val_loss"} <= tags["scalars"]
+    assert any(tag.startswith("samples") for tag in tags["images"])  # the mask | generated | real grid
 
 
 def test_resume_continues_from_the_saved_epoch(trained_2d):

@@ -15,7 +15,7 @@ from ignite.handlers import Checkpoint
 
 from segdiff.visualize import make_panel
 
-__all__ = ["GradientClipping", "TrainingCheckpoint", "SampleGridHandler", "atomic_torch_save"]
+__all__ = ["GradientClipping", "LearningRateLogger", "TrainingCheckpoint", "SampleGridHandler", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,22 @@ class GradientClipping:
             torch.nn.utils.clip_grad_norm_(params, self.max_norm)
 
         optimizer.register_step_pre_hook(clip)
+
+
+class LearningRateLogger:
+    """Log the optimizer's learning rate (first parameter group) to TensorBoard as ``lr`` every ``interval``
+    iterations, so the warm-up and decay of the schedule can be checked beside the loss."""
+
+    def __init__(self, summary_writer: Any, optimizer: torch.optim.Optimizer, interval: int = 1) -> None:
+        self.writer = summary_writer
+        self.optimizer = optimizer
+        self.interval = max(int(interval), 1)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], engine.state.iteration)
 
 
 class TrainingCheckpoint:
