@@ -127,3 +127,27 @@ def run_bundle_cli(bundle: str, configs: list[str], run_id: str | None = None, l
     for key, value in overrides.items():
         command += [f"--{key}", repr(value) if not isinstance(value, str) else value]
     return subprocess.run(command, cwd=BUNDLES / bundle, capture_output=True, text=True, timeout=timeout)
+
+
+#: ``python -m torch.distributed.run`` with two processes (gloo on a CPU), as ``torchrun`` would start them
+TORCHRUN_TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def missing_properties(bundle: str, **overrides) -> dict[str, list[str]]:
+    """``ConfigWorkflow(...).check_properties()`` of the bundle's train and inference configs after ``initialize``
+    (which needs data and weights, given by ``overrides``); returns config name -> missing required properties."""
+    from monai.bundle import ConfigWorkflow
+
+    missing = {}
+    configs = BUNDLES / bundle / "configs"
+    for config, kind in (("train.yaml", "train"), ("inference.yaml", "infer")):
+        workflow = ConfigWorkflow(
+            config_file=str(configs / config),
+            meta_file=str(configs / "metadata.json"),
+            logging_file=str(configs / "logging.conf"),
+            workflow_type=kind,
+            **overrides,
+        )
+        workflow.initialize()
+        missing[config] = workflow.check_properties()
+    return missing

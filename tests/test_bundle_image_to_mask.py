@@ -4,13 +4,21 @@ segment with uncertainty, in 2D over 3D and in 3D, plus inputs that must be refu
 from __future__ import annotations
 
 import json
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import BUNDLES, TINY_NETWORK, TINY_TRAINING, raises_with, run_bundle, run_bundle_cli, write_dataset
+from bundle_utils import (
+    TINY_NETWORK,
+    TINY_TRAINING,
+    TORCHRUN_TWO_PROCESSES,
+    missing_properties,
+    raises_with,
+    run_bundle,
+    run_bundle_cli,
+    write_dataset,
+)
 
 BUNDLE = "image_to_mask"
 pytestmark = pytest.mark.slow
@@ -99,24 +107,13 @@ def test_3d_model_segments_volumes(tmp_path):
 
 
 def test_check_properties_empty_for_train_and_inference(trained):
-    from monai.bundle import ConfigWorkflow
-
-    for config, kind in (("train.yaml", "train"), ("inference.yaml", "infer")):
-        workflow = ConfigWorkflow(
-            config_file=str(BUNDLES / BUNDLE / "configs" / config),
-            meta_file=str(BUNDLES / BUNDLE / "configs" / "metadata.json"),
-            logging_file=str(BUNDLES / BUNDLE / "configs" / "logging.conf"),
-            workflow_type=kind,
-            **settings(trained / "data", trained / "bundle", output_dir=str(trained / "bundle" / "properties"), resume=True),
-        )
-        workflow.initialize()
-        assert workflow.check_properties() == [], config
+    overrides = settings(trained / "data", trained / "bundle", output_dir=str(trained / "bundle" / "properties"), resume=True)
+    assert missing_properties(BUNDLE, **overrides) == {"train.yaml": [], "inference.yaml": []}
 
 
 def test_multi_gpu_config_runs_with_two_gloo_processes_on_cpu(tmp_path):
     write_dataset(tmp_path / "data")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = run_bundle_cli(BUNDLE, ["train.yaml", "multi_gpu_train.yaml"], run_id="training", launcher=torchrun,
+    done = run_bundle_cli(BUNDLE, ["train.yaml", "multi_gpu_train.yaml"], run_id="training", launcher=TORCHRUN_TWO_PROCESSES,
                           **settings(tmp_path / "data", tmp_path / "b", max_epochs=1, **TINY_ENSEMBLE))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "b" / "models" / "model.pt").exists() and (tmp_path / "b" / "models" / "checkpoint.pt").exists()
