@@ -84,6 +84,25 @@ def test_segmentation_with_uncertainty_members_and_probabilities_on_the_image_gr
         assert uncertainty[disagree].mean() > uncertainty[~disagree].mean()
 
 
+def test_evaluate_scores_fused_and_single_member_with_uncertainty_auroc_and_calibration(trained):
+    out = trained / "bundle" / "for_eval"
+    common = settings(trained / "data", trained / "bundle", output_dir=str(out))
+    raises_with("inference output(s) missing", run_bundle, BUNDLE, ["evaluate.yaml"], **{k: v for k, v in common.items() if not k.startswith("network_def")})
+    run_bundle(BUNDLE, ["inference.yaml"], **common, num_members=3, num_inference_steps=2, save_probabilities=True, save_members=True)
+    report_dir = trained / "bundle" / "report"
+    evaluate = {k: v for k, v in common.items() if not k.startswith("network_def") and k != "image_size"}
+    run_bundle(BUNDLE, ["evaluate.yaml"], **evaluate, report_dir=str(report_dir))
+    report = json.loads((report_dir / "ensemble_evaluation.json").read_text())
+    assert report["fused"]["num_cases"] == 2 and report["single_member"]["num_cases"] == 2
+    dice = report["fused"]["dice"]["per_class"]
+    assert len(dice) == 2 and all(v is None or 0.0 <= v <= 1.0 for v in dice)
+    assert report["fused"]["ece"]["mean"] is not None and 0.0 <= report["fused"]["ece"]["mean"] <= 1.0
+    auroc = report["fused"]["auroc"]["mean"]
+    assert auroc is None or 0.0 <= auroc <= 1.0
+    table = (report_dir / "ensemble_evaluation.md").read_text()
+    assert "| fused ensemble |" in table and "| single member |" in table
+
+
 @pytest.mark.parametrize("fusion, uncertainty", [("vote", "disagreement"), ("staple", "mutual_information"), ("mean", "variance")])
 def test_every_fusion_and_uncertainty_runs_through_the_bundle(trained, fusion, uncertainty):
     out = trained / "bundle" / f"{fusion}_{uncertainty}"

@@ -3,3 +3,4 @@
 from .faithfulness import check_generated_exist, evaluate_faithfulness, markdown_table
 from .segmenter import per_class_dice, segment_case
 from .ensemble_metrics import expected_calibration_error, segmentation_scores, summarize, uncertainty_error_auroc
+from .ensemble_report import check_segmentation_outputs, ensemble_markdown, evaluate_ensemble
