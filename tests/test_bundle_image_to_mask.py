@@ -103,6 +103,19 @@ def test_evaluate_scores_fused_and_single_member_with_uncertainty_auroc_and_cali
     assert "| fused ensemble |" in table and "| single member |" in table
 
 
+def test_unet_baseline_trains_for_a_wall_time_and_is_scored_by_the_same_evaluation(tmp_path):
+    write_dataset(tmp_path / "data", shape=(20, 16, 16))
+    common = dict(dataset_dir=str(tmp_path / "data"), bundle_root=str(tmp_path / "b"), num_classes=3, image_size=[16, 16])
+    run_bundle(BUNDLE, ["train.yaml", "train_baseline.yaml"], run_id="training", **common, max_wall_time=3, batch_size=8, slices_per_volume=4, num_workers=0, warmup_steps=2)
+    assert (tmp_path / "b" / "models" / "baseline.pt").exists() and not (tmp_path / "b" / "models" / "model.pt").exists()
+    run_bundle(BUNDLE, ["inference.yaml", "inference_baseline.yaml"], **common)
+    out = tmp_path / "b" / "outputs" / "segmentations_baseline"
+    check_outputs(out, tmp_path / "data", "case4")
+    run_bundle(BUNDLE, ["evaluate.yaml"], dataset_dir=common["dataset_dir"], bundle_root=common["bundle_root"], num_classes=3, output_dir=str(out), report_dir=str(tmp_path / "report"))
+    report = json.loads((tmp_path / "report" / "ensemble_evaluation.json").read_text())
+    assert report["fused"]["num_cases"] == 2 and "single_member" not in report  # a UNet has no members
+
+
 @pytest.mark.parametrize("fusion, uncertainty", [("vote", "disagreement"), ("staple", "mutual_information"), ("mean", "variance")])
 def test_every_fusion_and_uncertainty_runs_through_the_bundle(trained, fusion, uncertainty):
     out = trained / "bundle" / f"{fusion}_{uncertainty}"

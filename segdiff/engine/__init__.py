@@ -1,5 +1,12 @@
 """The conditional-diffusion engine shared by every bundle: batch preparation, sampling, training handlers."""
 
-from .handlers import GradientClipping, LearningRateLogger, SampleGridHandler, TrainingCheckpoint, atomic_torch_save
+from .handlers import (
+    GradientClipping,
+    LearningRateLogger,
+    SampleGridHandler,
+    TrainingCheckpoint,
+    WallTimeLimit,
+    atomic_torch_save,
+)
 from .prepare import ConditionalDiffusionPrepareBatch, SamplingPrepareBatch
 from .sampler import SAMPLERS, ConditionalDiffusionSampler, build_scheduler

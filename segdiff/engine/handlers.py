@@ -14,7 +14,7 @@ from ignite.handlers import Checkpoint
 
 from segdiff.visualize import make_panel
 
-__all__ = ["GradientClipping", "LearningRateLogger", "TrainingCheckpoint", "SampleGridHandler", "atomic_torch_save"]
+__all__ = ["GradientClipping", "LearningRateLogger", "WallTimeLimit", "TrainingCheckpoint", "SampleGridHandler", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,19 @@ class LearningRateLogger:
 
     def __call__(self, engine: Engine) -> None:
         self.writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], engine.state.iteration)
+
+
+class WallTimeLimit:
+    """Stop training after ``seconds`` of wall time (Ignite's ``TimeLimit``, attachable from a bundle handler list),
+    e.g. to give a baseline the same time budget as the model it is compared with."""
+
+    def __init__(self, seconds: float) -> None:
+        from ignite.handlers import TimeLimit
+
+        self.limit = TimeLimit(limit_sec=int(seconds))
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.limit)
 
 
 class TrainingCheckpoint:

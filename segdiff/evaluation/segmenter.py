@@ -11,15 +11,67 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 
-__all__ = ["per_class_dice", "segment_case"]
+__all__ = ["SegmenterInferer", "per_class_dice", "segment_case"]
 
 
-@torch.no_grad()
+class SegmenterInferer:
+    """``inferer(inputs, network)`` for a plain segmentation network over whole cases: class probabilities (softmax)
+    on each case's own grid, ``(B, num_classes, *spatial)``; 2D networks run slice by slice over volumes, every slice
+    resized to ``image_size`` and the logits back.
+
+    Args:
+        spatial_dims: 2 or 3, the network's spatial dimensions.
+        image_size: the size the network was trained on (None: the case's own size).
+        slice_axis: for a 2D network and 3D input, the spatial axis the volume is cut along.
+        batch_size: network inputs per forward pass.
+        value_range: ``(low, high)`` the probabilities are mapped to; ``(-1, 1)`` gives the encoding of a diffusion
+            segmentation member, so the ensemble post-transforms (with ``num_members=1``) apply unchanged.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        image_size: Sequence[int] | None,
+        slice_axis: int = 2,
+        batch_size: int = 32,
+        value_range: Sequence[float] = (0.0, 1.0),
+    ) -> None:
+        self.spatial_dims = spatial_dims
+        self.image_size = image_size
+        self.slice_axis = slice_axis
+        self.batch_size = batch_size
+        self.low, self.high = float(value_range[0]), float(value_range[1])
+
+    @torch.no_grad()
+    def probabilities(self, network: torch.nn.Module, case: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities ``(num_classes, *spatial)`` of one case ``(C, *spatial)``."""
+        device = next(network.parameters()).device
+        was_training = network.training
+        network.eval()
+        units = to_network_units(torch.as_tensor(case).float(), self.spatial_dims, self.slice_axis)
+        case_size = units.shape[2:]
+        logits = []
+        for lo in range(0, units.shape[0], self.batch_size):
+            chunk = resize(units[lo : lo + self.batch_size], self.image_size, "linear").to(device)
+            logits.append(resize(network(chunk).float(), case_size, "linear").cpu())
+        network.train(was_training)
+        return from_network_units(torch.cat(logits), case.ndim, self.spatial_dims, self.slice_axis).softmax(dim=0)
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        out = torch.stack([self.probabilities(network, case) for case in inputs]).to(inputs.device)
+        out = out * (self.high - self.low) + self.low
+        if isinstance(inputs, MetaTensor):
+            out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
+            out.is_batch = inputs.is_batch
+        return out
+
+
 def segment_case(
     segmenter: torch.nn.Module,
     image: torch.Tensor,
@@ -29,18 +81,8 @@ def segment_case(
     batch_size: int = 32,
 ) -> torch.Tensor:
     """Label map ``(*spatial)`` (int64) of one case ``image (C, *spatial)`` on the case's own grid."""
-    device = next(segmenter.parameters()).device
-    was_training = segmenter.training
-    segmenter.eval()
-    units = to_network_units(torch.as_tensor(image).float(), spatial_dims, slice_axis)
-    case_size = units.shape[2:]
-    logits = []
-    for lo in range(0, units.shape[0], batch_size):
-        chunk = resize(units[lo : lo + batch_size], image_size, "linear").to(device)
-        logits.append(resize(segmenter(chunk).float(), case_size, "linear").cpu())
-    segmenter.train(was_training)
-    probabilities = from_network_units(torch.cat(logits), image.ndim, spatial_dims, slice_axis)
-    return probabilities.argmax(dim=0)
+    inferer = SegmenterInferer(spatial_dims, image_size, slice_axis, batch_size)
+    return inferer.probabilities(segmenter, torch.as_tensor(image)).argmax(dim=0)
 
 
 def per_class_dice(prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
