@@ -41,9 +41,12 @@ def test_sampling_benchmark_prints_one_row_per_sampler(tiny_preset, capsys):
 
 def test_ensemble_benchmark_compares_one_batch_with_sequential_chains(tiny_preset, capsys):
     load_script("benchmark_ensemble").main(
-        ["--preset", tiny_preset, "--slices", "2", "--num-members", "2", "--ddpm-steps", "6", "--ddim-steps", "2"]
+        ["--preset", tiny_preset, "--slices", "2", "--num-members", "2", "--ddpm-steps", "6", "--ddim-steps", "1", "2",
+         "--batched-ddpm"]
     )
     out = capsys.readouterr().out
-    assert "sequential chains (published)" in out and "2 members as one batch, DDIM-2" in out
+    batched = [line.split("|")[1].strip() for line in out.splitlines() if "one batch" in line]
+    assert batched == ["2 members as one batch, DDIM-1", "2 members as one batch, DDIM-2", "2 members as one batch, DDPM-6"]
+    assert "sequential chains (published)" in out
     fast = [line for line in out.splitlines() if "one batch" in line][0]
     assert float(fast.split("|")[3].strip().rstrip("x")) > 1.0  # fewer, batched steps are faster
