@@ -488,3 +488,20 @@ def test_check_outputs_free_raises_naming_an_existing_output(tmp_path):
     with pytest.raises(FileExistsError, match="1 output file\\(s\\) already exist, e.g. .*case2_sample1_image.nii.gz"):
         check_outputs_free(entries, "label", str(tmp_path), 2, "image", overwrite=False)
     check_outputs_free(entries, "label", str(tmp_path), 2, "image", overwrite=True)
+
+
+def test_legacy_ablation_turns_dropped_classes_into_background():
+    label = torch.tensor([[[0, 1, 2, 3]]])
+    legacy = EncodeMask(4, encoding="legacy")(label)
+    out = MaskAblation(drop_classes=[2], encoding="legacy", num_classes=4)(legacy)
+    assert torch.allclose(out, torch.tensor([[[0.0, 1.0, 0.0, 3.0]]]) / 255.0)
+    kept = MaskAblation(keep_classes=[3], encoding="legacy", num_classes=4)(legacy)
+    assert torch.allclose(kept, torch.tensor([[[0.0, 0.0, 0.0, 3.0]]]) / 255.0)
+
+
+def test_legacy_ablation_needs_the_class_count_and_checks_classes_against_it():
+    with pytest.raises(ValueError, match="needs num_classes"):
+        MaskAblation(drop_classes=[1], encoding="legacy")
+    legacy = EncodeMask(3, encoding="legacy")(torch.tensor([[[0, 1, 2]]]))
+    with pytest.raises(ValueError, match=r"drop_classes \[3\] are not foreground classes of a 3-class mask"):
+        MaskAblation(drop_classes=[3], encoding="legacy", num_classes=3)(legacy)

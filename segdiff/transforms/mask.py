@@ -116,28 +116,44 @@ def _zero_channels(mask: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:
 
 
 class MaskAblation(Transform):
-    """Remove named classes from a one-hot mask: their channels become zero ("unspecified", not background).
+    """Remove named classes from an encoded mask, so that they no longer constrain the generated image.
 
-    Used at inference, where the user says which classes should constrain the generated image.
+    Used at inference, where the user says which classes should constrain the generated image. With the one-hot
+    encoding a removed class's channel becomes zero ("unspecified", not background). The legacy encoding has no
+    "unspecified" value, so there, as in Konz et al.'s code, the removed class's voxels become background (0).
 
     Args:
         drop_classes: class indices to remove (background, 0, cannot be removed).
         keep_classes: alternatively, the only non-background classes to keep; all others are removed.
             Give one of the two, or neither (no-op).
+        encoding: the mask's encoding, ``"onehot"`` (default; the class count is the channel count) or ``"legacy"``
+            (one channel of ``class_index / 255``; needs ``num_classes``).
+        num_classes: number of classes including background; only needed for the legacy encoding.
     """
 
     backend = [torch.Tensor]
 
-    def __init__(self, drop_classes: Sequence[int] | None = None, keep_classes: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        drop_classes: Sequence[int] | None = None,
+        keep_classes: Sequence[int] | None = None,
+        encoding: str = "onehot",
+        num_classes: int | None = None,
+    ) -> None:
         if drop_classes and keep_classes is not None:
             raise ValueError("give either drop_classes or keep_classes, not both.")
         if drop_classes and 0 in drop_classes:
             raise ValueError("drop_classes may not contain 0: background is always specified.")
+        encoded_mask_channels(1, encoding)  # validates the name
+        if encoding == "legacy" and num_classes is None:
+            raise ValueError("MaskAblation of a legacy-encoded mask needs num_classes (its one channel does not tell).")
         self.drop_classes = list(drop_classes or [])
         self.keep_classes = None if keep_classes is None else [int(c) for c in keep_classes]
+        self.encoding = encoding
+        self.num_classes = num_classes
 
     def classes_to_drop(self, num_classes: int) -> list[int]:
-        """Foreground classes whose channels are zeroed for a ``num_classes``-channel mask."""
+        """Foreground classes to remove from a ``num_classes``-class mask."""
         name, classes = ("keep_classes", self.keep_classes) if self.keep_classes is not None else ("drop_classes", self.drop_classes)
         bad = [c for c in classes if not 0 < c < num_classes]
         if bad:
@@ -147,7 +163,15 @@ class MaskAblation(Transform):
         return [int(c) for c in self.drop_classes]
 
     def __call__(self, mask: torch.Tensor) -> torch.Tensor:
-        return _zero_channels(mask, self.classes_to_drop(mask.shape[0]))
+        if self.encoding == "onehot":
+            return _zero_channels(mask, self.classes_to_drop(mask.shape[0]))
+        drop = self.classes_to_drop(int(self.num_classes))
+        if not drop:
+            return mask
+        index = torch.round(torch.as_tensor(mask) * 255.0)
+        out = mask.clone()
+        out[torch.isin(index, torch.tensor(drop, dtype=index.dtype, device=index.device))] = 0.0
+        return out
 
 
 class MaskAblationd(MapTransform):
@@ -160,10 +184,12 @@ class MaskAblationd(MapTransform):
         keys: KeysCollection,
         drop_classes: Sequence[int] | None = None,
         keep_classes: Sequence[int] | None = None,
+        encoding: str = "onehot",
+        num_classes: int | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.ablation = MaskAblation(drop_classes, keep_classes)
+        self.ablation = MaskAblation(drop_classes, keep_classes, encoding, num_classes)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
