@@ -5,7 +5,7 @@ is imported (``"imports": ["$import segdiff"]``), e.g.
 ``"$segdiff.data.checks.check_datalist(@datalist, @dataset_dir, @num_classes)"``.
 """
 
-from segdiff.data import checks, datalist, demo, inputs
+from segdiff.data import checks, datalist, demo, inputs, nnunet
 from segdiff.data.checks import DataCheckError, check_datalist, find_problems
 from segdiff.data.datalist import (
     DatalistError,
@@ -16,15 +16,18 @@ from segdiff.data.datalist import (
     split_cases,
 )
 from segdiff.data.demo import write_demo_data
+from segdiff.data.nnunet import export_nnunet
 
 __all__ = [
     "checks",
     "datalist",
     "demo",
     "inputs",
+    "nnunet",
     "DataCheckError",
     "DatalistError",
     "build_datalist",
+    "export_nnunet",
     "check_datalist",
     "find_problems",
     "load_datalist",

@@ -4,3 +4,6 @@ from .faithfulness import check_generated_exist, evaluate_faithfulness, markdown
 from .segmenter import SegmenterInferer, per_class_dice, segment_case
 from .ensemble_metrics import expected_calibration_error, segmentation_scores, summarize, uncertainty_error_auroc
 from .ensemble_report import check_segmentation_outputs, ensemble_markdown, evaluate_ensemble
+from . import downstream, image_quality
+from .downstream import per_class_iou, run_downstream
+from .image_quality import fid, mmd, ms_ssim_diversity

@@ -1,0 +1,65 @@
+"""Synthetic labelled data: images generated from masks, filtered by a judge segmenter, written as training pairs.
+
+- :mod:`~segdiff.synthesis.filter`: per-class Dice of a pair and the pure, deterministic keep/reject decision
+  (thresholds, relaxation, best ``keep_k``);
+- :mod:`~segdiff.synthesis.variety`: random deformation of masks (affine, elastic; nearest interpolation);
+- :mod:`~segdiff.synthesis.judges`: the segmenters that re-segment generated images;
+- :mod:`~segdiff.synthesis.synthesize`: the per-mask loop (rounds of generation, judging, decision), resumable;
+- :mod:`~segdiff.synthesis.records`: the output folder (pairs, datalist, records of every try, settings).
+
+``bundles/mask_to_image/configs/synthesize.yaml`` wires them to the bundle's model and sampler.
+"""
+
+from segdiff.synthesis.filter import (
+    FilterCriteria,
+    TryDecision,
+    candidates_to_keep,
+    enough_passed,
+    pair_scores,
+    select_tries,
+)
+from segdiff.synthesis.judges import (
+    JUDGES,
+    DiffusionEnsembleJudge,
+    SegmenterJudge,
+    build_judge,
+    load_weights,
+)
+from segdiff.synthesis.records import SynthesisRecords, file_digest, pair_names
+from segdiff.synthesis.synthesize import (
+    DiffusionGenerator,
+    Synthesizer,
+    case_name,
+    derive_seed,
+)
+from segdiff.synthesis.variety import (
+    DEFAULT_ELASTIC_2D,
+    DEFAULT_ELASTIC_3D,
+    RandMaskDeform,
+    RandMaskDeformd,
+)
+
+__all__ = [
+    "DEFAULT_ELASTIC_2D",
+    "DEFAULT_ELASTIC_3D",
+    "JUDGES",
+    "DiffusionEnsembleJudge",
+    "DiffusionGenerator",
+    "FilterCriteria",
+    "RandMaskDeform",
+    "RandMaskDeformd",
+    "SegmenterJudge",
+    "SynthesisRecords",
+    "Synthesizer",
+    "TryDecision",
+    "build_judge",
+    "candidates_to_keep",
+    "case_name",
+    "derive_seed",
+    "enough_passed",
+    "file_digest",
+    "load_weights",
+    "pair_names",
+    "pair_scores",
+    "select_tries",
+]
