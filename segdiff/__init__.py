@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "engine", "evaluation", "transforms", "visualize")
+_SUBMODULES = ("convert", "data", "engine", "evaluation", "export", "synthesis", "transforms", "visualize")
 
 
 def __getattr__(name: str):

@@ -3,6 +3,9 @@
     segdiff demo-data DIR                      # the offline MNI152 tissue demo data set
     segdiff datalist DATASET_DIR               # scan a data set folder, write datalist.json
     segdiff check DATALIST --num-classes N     # check every file before training
+    segdiff export-nnunet --datalist FILE --output RAW_DIR --id N --name NAME   # nnU-Net v2 raw data set
+    segdiff export-network CONFIG --weights W --output F.pt2   # torch.export of a bundle's network_def
+    segdiff convert-diffusers UNET_DIR OUT_BUNDLE_DIR   # a released seg-guided-diffusion UNet -> mask_to_image
 
 Exit status: 0 success, 1 the check found problems, 2 bad input (missing folder, bad datalist, ...).
 A sub-command is a ``(name, help, add_arguments, run)`` row in :data:`COMMANDS`; ``run(args)`` returns the
@@ -153,6 +156,179 @@ def _check_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- export-network
+def _export_network_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", nargs="+", metavar="CONFIG", help="bundle config(s), merged in order, e.g. configs/inference.yaml"
+    )
+    parser.add_argument("--weights", required=True, metavar="FILE", help="the trained state dict (models/model.pt)")
+    parser.add_argument("--output", required=True, metavar="FILE", help="the exported program to write (.pt2)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override as in training, VALUE a Python literal (repeatable), e.g. --set num_classes=3",
+    )
+    parser.add_argument(
+        "--meta-file", metavar="FILE", help="metadata stored with the export (default: metadata.json beside CONFIG)"
+    )
+    parser.add_argument("--net-id", default="network_def", metavar="KEY", help="config key of the network")
+    parser.add_argument("--key", metavar="NAME", help="entry of a nested checkpoint, e.g. ema_network for checkpoint.pt")
+    parser.add_argument(
+        "--spatial-shape", type=int, nargs="+", metavar="N", help="example spatial size (default: roi_size or image_size)"
+    )
+    parser.add_argument(
+        "--dynamic-spatial",
+        action="store_true",
+        help="accept any spatial size that is a multiple of 2^(levels-1), not only the example's",
+    )
+    parser.add_argument("--device", default="cpu", help="device to export on; the program runs there (default: cpu)")
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, metavar="T", help="largest |exported - eager| accepted (default: 1e-4)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def _export_network_run(args: argparse.Namespace) -> int:
+    import ast
+
+    from segdiff.export import export_bundle_network
+
+    overrides = {}
+    for item in args.set:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[name] = text  # a plain string such as a path
+    try:
+        report = export_bundle_network(
+            args.config,
+            args.weights,
+            args.output,
+            meta_file=args.meta_file,
+            overrides=overrides,
+            net_id=args.net_id,
+            key=args.key,
+            spatial_shape=args.spatial_shape,
+            dynamic_spatial=args.dynamic_spatial,
+            device=args.device,
+            tolerance=args.tolerance,
+            overwrite=args.overwrite,
+        )
+    except RuntimeError as e:  # the reloaded program did not match the eager network: the check failed
+        print(f"segdiff export-network: {e}", file=sys.stderr)
+        return 1
+    checked = ", ".join("x".join(map(str, shape)) for shape in report.checked_shapes)
+    print(
+        f"wrote {report.path} (example input {'x'.join(map(str, report.input_shape))}); reloaded and compared with "
+        f"the eager network on {checked}: max abs difference {report.max_abs_diff:.3g}"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ export-nnunet
+def _export_nnunet_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--datalist",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="datalist JSON file(s) whose pairs are exported, e.g. the real data's and a synthetic set's",
+    )
+    parser.add_argument(
+        "--dataset-dir",
+        nargs="+",
+        metavar="DIR",
+        help="folder each datalist's paths are relative to, one per datalist (default: each datalist's folder)",
+    )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=["training", "validation"],
+        metavar="SPLIT",
+        help="splits to export (default: training validation); a datalist without one is skipped for it",
+    )
+    parser.add_argument("--output", required=True, metavar="RAW_DIR", help="nnU-Net's raw folder ($nnUNet_raw)")
+    parser.add_argument("--id", type=int, required=True, metavar="N", help="dataset id, 1..999 (DatasetNNN_NAME)")
+    parser.add_argument("--name", required=True, metavar="NAME", help="dataset name (letters, digits, _ - .)")
+    parser.add_argument(
+        "--labels",
+        metavar="JSON",
+        help='class names: a JSON file or text, {"0": "background", "1": "liver"} or {"background": 0, ...} '
+        '(default: the datalist\'s "labels", else class_<k>)',
+    )
+    parser.add_argument(
+        "--channel-names",
+        metavar="JSON",
+        help='image channel names, e.g. \'{"0": "T1"}\' or \'["CT"]\'; nnU-Net normalises "CT" channels as CT '
+        '(default: the datalist\'s "channel_names", else image / channel_<k>)',
+    )
+    parser.add_argument(
+        "--case-prefix",
+        nargs="+",
+        metavar="PREFIX",
+        help="prefix of each datalist's case names, one per datalist (e.g. real_ syn_), when names would collide",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DatasetNNN_NAME")
+
+
+def _export_nnunet_run(args: argparse.Namespace) -> int:
+    import json
+
+    from segdiff.data.checks import DataCheckError
+    from segdiff.data.nnunet import export_nnunet
+
+    try:
+        folder = export_nnunet(
+            args.datalist,
+            args.output,
+            args.id,
+            args.name,
+            dataset_dir=args.dataset_dir,
+            splits=args.splits,
+            labels=args.labels,
+            channel_names=args.channel_names,
+            case_prefix=args.case_prefix,
+            overwrite=args.overwrite,
+        )
+    except DataCheckError as e:  # every problem, one per line, as `segdiff check` prints them
+        print(e, file=sys.stderr)
+        return 1
+    with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as f:
+        num_training = json.load(f)["numTraining"]
+    with open(os.path.join(folder, "segdiff_export.json"), encoding="utf-8") as f:
+        for note in json.load(f)["notes"]:
+            print(f"note: {note}")
+    print(f"wrote {folder}: {num_training} training case(s); check it with nnUNetv2_plan_and_preprocess -d {args.id} "
+          "--verify_dataset_integrity")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- convert-diffusers
+def _convert_diffusers_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "unet_dir", metavar="UNET_DIR", help="diffusers UNet2DModel folder (config.json + weights), or its parent"
+    )
+    parser.add_argument(
+        "bundle_dir", metavar="OUT_BUNDLE_DIR", help="bundle root to write models/model.pt and configs/converted.yaml"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_BUNDLE_DIR")
+
+
+def _convert_diffusers_run(args: argparse.Namespace) -> int:
+    from segdiff.convert import convert_diffusers_unet, run_command
+
+    done = convert_diffusers_unet(args.unet_dir, args.bundle_dir, overwrite=args.overwrite)
+    conditional = "mask_encoding" in done.overlay
+    print(f"wrote {done.model_path} ({done.num_tensors} tensors, {done.num_parameters:,} parameters) and "
+          f"{done.config_path}; generate with:\n  {run_command(args.bundle_dir, conditional)}")
+    return 0
+
+
 _EXAMPLES = """examples:
   segdiff demo-data ~/segdiff-demo
   segdiff check ~/segdiff-demo/datalist.json --num-classes 4 --image-channels 1
@@ -190,6 +366,39 @@ COMMANDS: list[Command] = [
         "intensities, wrong channel counts. Exit 0 when all is well, 1 with the problems on stderr.",
         _check_arguments,
         _check_run,
+    ),
+    Command(
+        "export-nnunet",
+        "write datalist pairs (real, synthetic or both) as an nnU-Net v2 raw data set",
+        "Check every pair of the chosen splits, then write RAW_DIR/DatasetNNN_NAME with imagesTr/<case>_0000.nii.gz "
+        "(one file per channel), labelsTr/<case>.nii.gz (integer labels on the image's header) and dataset.json "
+        "(channel_names, labels, numTraining, file_ending), plus segdiff_export.json mapping each case to its "
+        "datalist entry. Case names are the image file names (plus --case-prefix). Exit 0 when written, 1 when "
+        "the checks found problems (listed on stderr, nothing written).",
+        _export_nnunet_arguments,
+        _export_nnunet_run,
+    ),
+    Command(
+        "export-network",
+        "export a bundle's trained network_def with torch.export (.pt2)",
+        "Build network_def from the bundle config(s) with the given overrides, load the trained weights strictly, "
+        "export network(image, timesteps) with torch.export (dynamic batch; --dynamic-spatial for any size that is "
+        "a multiple of the down-sampling factor) and save it with the config and metadata inside. The file is "
+        "loaded back and compared with the eager network before it is written: exit 0 when it matches, 1 when it "
+        "differs by more than --tolerance (nothing written). Load it with torch.export.load(FILE).module().",
+        _export_network_arguments,
+        _export_network_run,
+    ),
+    Command(
+        "convert-diffusers",
+        "convert a diffusers UNet2DModel (released seg-guided-diffusion weights) for mask_to_image",
+        "Read UNET_DIR/config.json and diffusion_pytorch_model.safetensors (or .bin), check that every field is one "
+        "MONAI's DiffusionModelUNet computes the same way (else name the field), rename the weights and load them "
+        "strictly, then write OUT_BUNDLE_DIR/models/model.pt and OUT_BUNDLE_DIR/configs/converted.yaml: an overlay "
+        "for mask_to_image's inference.yaml (network, image size and channels, legacy class_index/255 mask "
+        "encoding, epsilon prediction, DDIM-50 in fp32). Does not need diffusers.",
+        _convert_diffusers_arguments,
+        _convert_diffusers_run,
     ),
 ]
 

@@ -151,3 +151,47 @@ def missing_properties(bundle: str, **overrides) -> dict[str, list[str]]:
         workflow.initialize()
         missing[config] = workflow.check_properties()
     return missing
+
+
+def workflow_missing_properties(bundle: str, configs: list[str], workflow_type: str, **overrides) -> list[str]:
+    """``check_properties()`` of one workflow made of ``configs`` (a base config and its overlays, merged in order)
+    after ``initialize``, then ``finalize`` (which closes writers and, for multi_gpu_train.yaml, the process group)."""
+    from monai.bundle import ConfigWorkflow
+
+    folder = BUNDLES / bundle / "configs"
+    workflow = ConfigWorkflow(
+        config_file=[str(folder / c) for c in configs],
+        meta_file=str(folder / "metadata.json"),
+        logging_file=str(folder / "logging.conf"),
+        workflow_type=workflow_type,
+        **overrides,
+    )
+    workflow.initialize()
+    try:
+        return workflow.check_properties()
+    finally:
+        workflow.finalize()
+
+
+def write_synthetic_set(root: Path, real_datalist: Path, samples: int = 2, split: str = "training", seed: int = 1) -> Path:
+    """Stand-in for synthesize.yaml's output: for every ``split`` case of ``real_datalist``, ``samples`` noisy copies
+    of its image as ``images/<case>_syn<k>.nii.gz`` with its label as ``labels/<case>_syn<k>.nii.gz`` (on the real
+    grid) and ``datalist.json`` (paths relative to ``root``); returns the datalist path."""
+    rng = np.random.default_rng(seed)
+    real_root = real_datalist.parent
+    real = json.loads(real_datalist.read_text())
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for entry in real[split]:
+        image_file = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
+        case = Path(entry["label"]).name[: -len(".nii.gz")]
+        image, label = nib.load(str(real_root / image_file)), nib.load(str(real_root / entry["label"]))
+        for k in range(samples):
+            data = image.get_fdata().astype(np.float32) + rng.normal(0, 5.0, image.shape).astype(np.float32)
+            nib.save(nib.Nifti1Image(data, image.affine), str(root / "images" / f"{case}_syn{k}.nii.gz"))
+            nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine), str(root / "labels" / f"{case}_syn{k}.nii.gz"))
+            entries.append({"image": f"images/{case}_syn{k}.nii.gz", "label": f"labels/{case}_syn{k}.nii.gz"})
+    path = root / "datalist.json"
+    path.write_text(json.dumps({"training": entries, "labels": real.get("labels", {})}, indent=1))
+    return path
