@@ -19,6 +19,7 @@ from PIL import Image
 from segdiff.engine import (
     ConditionalDiffusionPrepareBatch,
     ConditionalDiffusionSampler,
+    CopyWeights,
     GradientClipping,
     SampleGridHandler,
     SamplingPrepareBatch,
@@ -684,3 +685,43 @@ def test_save_png_writes_the_panel_upscaled(tmp_path):
     with Image.open(tmp_path / "panel.png") as picture:
         assert picture.size == (panel.shape[1] * 3, panel.shape[0] * 3)
         assert np.array_equal(np.asarray(picture.convert("RGB"))[::3, ::3], panel)
+
+
+def test_overwrite_starts_a_new_run_over_an_earlier_checkpoint(tmp_path):
+    engine, _, data = train_with_checkpoint(tmp_path, max_epochs=2)
+    engine.run(data, max_epochs=2)
+    engine, model, data = train_with_checkpoint(tmp_path, max_epochs=1, overwrite=True, seed=1)
+    engine.run(data, max_epochs=1)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 3
+    exported = torch.load(tmp_path / "model.pt")
+    assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
+
+
+def test_final_model_is_written_when_nothing_else_wrote_model_pt(tmp_path):
+    model, ema = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    engine, _, data = linear_training(model)
+    TrainingCheckpoint(tmp_path, {"network": model}, export_model=None, final_model=ema).attach(engine)
+    engine.run(data, max_epochs=1)
+    exported = torch.load(tmp_path / "model.pt")
+    assert all(torch.equal(exported[k], v) for k, v in ema.state_dict().items())
+
+
+def test_final_model_keeps_a_model_pt_written_during_the_run(tmp_path):
+    model, ema = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    engine, _, data = linear_training(model)
+    TrainingCheckpoint(tmp_path, {"network": model}, export_model=None, final_model=ema).attach(engine)
+    best = {"weight": torch.full((1, 3), 7.0), "bias": torch.zeros(1)}
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: atomic_torch_save(best, tmp_path / "model.pt"))
+    engine.run(data, max_epochs=1)
+    assert torch.equal(torch.load(tmp_path / "model.pt")["weight"], best["weight"])
+
+
+def test_copy_weights_starts_the_target_from_the_sources_weights_when_training_starts():
+    source, target = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    engine = Engine(lambda e, b: None)
+    # a loader changes the source after the target was made (as MONAI Label's CheckpointLoader does)
+    engine.add_event_handler(Events.STARTED, lambda e: source.weight.data.fill_(3.0))
+    CopyWeights(source, target).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert torch.equal(target.weight, torch.full((1, 3), 3.0))
+    assert torch.equal(target.bias, source.bias)

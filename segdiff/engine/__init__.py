@@ -1,6 +1,7 @@
 """The conditional-diffusion engine shared by every bundle: batch preparation, sampling, training handlers."""
 
 from .handlers import (
+    CopyWeights,
     GradientClipping,
     LearningRateLogger,
     SampleGridHandler,

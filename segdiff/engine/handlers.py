@@ -14,7 +14,15 @@ from ignite.handlers import Checkpoint
 
 from segdiff.visualize import make_panel
 
-__all__ = ["GradientClipping", "LearningRateLogger", "WallTimeLimit", "TrainingCheckpoint", "SampleGridHandler", "atomic_torch_save"]
+__all__ = [
+    "CopyWeights",
+    "GradientClipping",
+    "LearningRateLogger",
+    "SampleGridHandler",
+    "TrainingCheckpoint",
+    "WallTimeLimit",
+    "atomic_torch_save",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +92,31 @@ class WallTimeLimit:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.limit)
 
 
+class CopyWeights:
+    """Copy ``source``'s weights into ``target`` when training starts.
+
+    The EMA copy of a network is made when the config is parsed, from the freshly initialised weights. A handler that
+    loads weights into the network when training starts (MONAI Label inserts a ``CheckpointLoader`` of
+    ``models/model.pt`` first in ``train#handlers`` to fine-tune the served model) would leave the EMA, and so the
+    ``model.pt`` written at the end, on random weights. Put this after such loaders and before
+    :class:`TrainingCheckpoint`, whose resume loads both networks from ``checkpoint.pt``.
+
+    Args:
+        source: the trained network.
+        target: the network that starts from its weights (the EMA copy).
+    """
+
+    def __init__(self, source: torch.nn.Module, target: torch.nn.Module) -> None:
+        self.source = source.module if isinstance(source, torch.nn.parallel.DistributedDataParallel) else source
+        self.target = target
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.target.load_state_dict(self.source.state_dict())
+
+
 class TrainingCheckpoint:
     """Save everything needed to resume training, atomically, and resume from it after a crash.
 
@@ -98,10 +131,15 @@ class TrainingCheckpoint:
             ``"trainer"`` (epoch and iteration).
         export_model: the network whose weights become ``model.pt`` (the EMA copy of ``network_def``); None when
             another handler writes ``model.pt`` (e.g. a CheckpointSaver keeping the best validation model).
-        resume: continue from ``checkpoint.pt`` if it exists. If it exists and ``resume`` is False, training stops
-            before it starts instead of overwriting the earlier run.
+        resume: continue from ``checkpoint.pt`` if it exists. If it exists and ``resume`` and ``overwrite`` are
+            False, training stops before it starts instead of overwriting the earlier run.
         save_interval: epochs between checkpoints.
         model_filename: name of the exported weights.
+        final_model: with ``export_model`` None, the network written as ``model.pt`` when training completes if no
+            other handler wrote ``model.pt`` during the run (no validation ran: fewer epochs than the validation
+            interval, as in a short MONAI Label run), so that a finished run always leaves the weights it trained.
+        overwrite: start a new run over an earlier run's ``checkpoint.pt`` instead of stopping (MONAI Label trains
+            the same bundle folder again and again); ignored when ``resume`` is True.
     """
 
     checkpoint_filename = "checkpoint.pt"
@@ -114,18 +152,21 @@ class TrainingCheckpoint:
         resume: bool = False,
         save_interval: int = 1,
         model_filename: str = "model.pt",
+        final_model: torch.nn.Module | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
         self.export_model = export_model
+        self.final_model = final_model
         self.resume = resume
         self.save_interval = max(int(save_interval), 1)
         self.model_path = self.save_dir / model_filename
         self.checkpoint_path = self.save_dir / self.checkpoint_filename
-        if self.checkpoint_path.exists() and not resume:
+        if self.checkpoint_path.exists() and not resume and not overwrite:
             raise FileExistsError(
                 f"{self.checkpoint_path} exists from an earlier training run. Set 'resume' to true to continue it, "
-                "or move that folder's checkpoint.pt and model.pt away to start a new run."
+                "'overwrite' to true to start a new run over it, or move that folder's checkpoint.pt and model.pt away."
             )
 
     def attach(self, engine: Engine) -> None:
@@ -134,6 +175,28 @@ class TrainingCheckpoint:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
+        if self.export_model is None and self.final_model is not None:
+            engine.add_event_handler(Events.STARTED, self._note_model_file)
+            engine.add_event_handler(Events.COMPLETED, self._export_final_model)
+
+    def _model_file_state(self) -> tuple | None:
+        """Identity of the current ``model.pt`` (inode, size, mtime): any write, in place or by rename, changes it."""
+        try:
+            stat = self.model_path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def _note_model_file(self, engine: Engine) -> None:
+        self._model_at_start = self._model_file_state()
+
+    def _export_final_model(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return
+        if self.model_path.exists() and self._model_file_state() != getattr(self, "_model_at_start", None):
+            return  # written during this run (the best validation model): keep it
+        atomic_torch_save(self.final_model.state_dict(), self.model_path)
+        logger.info(f"epoch {engine.state.epoch}: nothing wrote {self.model_path} in this run; saved the final weights")
 
     def load(self, engine: Engine) -> None:
         checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)

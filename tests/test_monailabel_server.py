@@ -1,0 +1,258 @@
+"""A real MONAI Label 0.8.5 server, set up and started as scripts/setup_monailabel.py does, serving both bundles with
+tiny weights on a free loopback port: /info, /infer (segmentation, uncertainty, a generated image) and /train answer
+200, and the returned volumes lie on the study's grid.
+
+The server runs in its own venv, built by the script on first use (about 8 minutes, then cached under
+~/.cache/segdiff; CI builds it in .ci/run before the tests). If it cannot be built, these tests fail with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from bundle_utils import TINY_NETWORK, TINY_TRAINING, write_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_CLASSES = 4  # the bundles' default, so that MONAI Label's label names (from metadata.json) fit the data
+SERVER_START_TIMEOUT = 180
+REQUEST_TIMEOUT = 300
+
+
+def load_setup_script():
+    spec = importlib.util.spec_from_file_location("setup_monailabel", REPO / "scripts" / "setup_monailabel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+setup = load_setup_script()
+
+
+def tiny_weights(in_channels: int, out_channels: int, seed: int = 1234) -> dict:
+    """A state dict of the tiny network_def, from a seed the bundles never use (seed 0), so that weights that came
+    from a fresh initialisation cannot pass for these."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    torch.manual_seed(seed)
+    network = DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=TINY_NETWORK["network_def#channels"],
+        attention_levels=TINY_NETWORK["network_def#attention_levels"],
+        num_res_blocks=TINY_NETWORK["network_def#num_res_blocks"],
+        num_head_channels=TINY_NETWORK["network_def#num_head_channels"],
+        norm_num_groups=TINY_NETWORK["network_def#norm_num_groups"],
+    )
+    return network.state_dict()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(base: str, method: str, path: str, form: dict | None = None, body: dict | None = None) -> tuple[int, bytes]:
+    """One HTTP request to the server; returns (status, body) also for error statuses."""
+    data, headers = None, {}
+    if form is not None:
+        data = urllib.parse.urlencode(form).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    elif body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(base + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def infer(server: dict, model: str, study: str, **params) -> nib.Nifti1Image:
+    """``POST /infer/<model>?image=<study>&output=image``; checks 200 and returns the returned volume."""
+    query = urllib.parse.urlencode({"image": study, "output": "image"})
+    status, content = call(server["url"], "POST", f"/infer/{model}?{query}", form={"params": json.dumps(params)})
+    assert status == 200, f"/infer/{model} answered {status}: {content[:2000]!r}\n{server['log_tail']()}"
+    path = server["root"] / f"{model}_{study}_{len(list(server['root'].glob('*.nii.gz')))}.nii.gz"
+    path.write_bytes(content)
+    return nib.load(str(path))
+
+
+def assert_on_study_grid(volume: nib.Nifti1Image, study: Path) -> None:
+    reference = nib.load(str(study))
+    assert volume.shape == reference.shape
+    np.testing.assert_allclose(volume.affine, reference.affine, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def venv():
+    try:
+        setup.ensure_venv(setup.DEFAULT_VENV)
+        setup.install_segdiff(setup.DEFAULT_VENV)
+    except setup.VenvBuildError as error:
+        pytest.fail(f"MONAI Label's venv could not be built, so the server cannot be tested: {error}", pytrace=False)
+    return setup.DEFAULT_VENV
+
+
+@pytest.fixture(scope="module")
+def server(venv, tmp_path_factory):
+    """The server on a free port, with studies case0..2 (labelled), case3 (not labelled) and mask4 (a label map as
+    the study, for mask_to_image); stopped (its whole process group) when the module's tests are done."""
+    root = tmp_path_factory.mktemp("monailabel")
+    data = root / "data"
+    write_dataset(data, num_classes=NUM_CLASSES, splits={"training": 4, "test": 1})
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in range(4):
+        shutil.copy(data / "images" / f"case{case}.nii.gz", studies / f"case{case}.nii.gz")
+        if case < 3:
+            shutil.copy(data / "labels" / f"case{case}.nii.gz", studies / "labels" / "final" / f"case{case}.nii.gz")
+    shutil.copy(data / "labels" / "case4.nii.gz", studies / "mask4.nii.gz")
+
+    weights = {"image_to_mask": root / "image_to_mask.pt", "mask_to_image": root / "mask_to_image.pt"}
+    torch.save(tiny_weights(NUM_CLASSES + 1, NUM_CLASSES), weights["image_to_mask"])  # noisy one-hot mask + image
+    torch.save(tiny_weights(1 + NUM_CLASSES, 1), weights["mask_to_image"])  # noisy image + one-hot mask
+    small = {**TINY_NETWORK, "image_size": [16, 16]}
+    # disagreement: a fraction of the members, so the map shows how many members the request asked for; validation
+    # every 5 epochs (the default) does not run in a 1-epoch /train, which must still write model.pt
+    training = {k: v for k, v in TINY_TRAINING.items() if k != "val_interval"}
+    bundles = {"image_to_mask": {**small, **training, "uncertainty": "disagreement"}, "mask_to_image": small}
+    app = setup.prepare_app(venv, root / "app", bundles, weights)
+
+    port = free_port()
+    command = setup.server_command(venv, app, studies, list(bundles), port=port)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the server uses the monai-segdiff installed in its venv
+    log = root / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def log_tail(lines: int = 60) -> str:
+        return "server log (last lines):\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the MONAI Label server exited with {process.returncode} at start\n{log_tail()}", pytrace=False)
+            try:
+                if call(url, "GET", "/info/")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the MONAI Label server did not answer within {SERVER_START_TIMEOUT} s\n{log_tail()}", pytrace=False)
+            time.sleep(1)
+        yield {"url": url, "root": root, "app": app, "studies": studies, "weights": weights, "log": log, "log_tail": log_tail}
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and any training it started
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_info_lists_both_bundles_their_labels_and_per_request_settings(server):
+    status, content = call(server["url"], "GET", "/info/")
+    assert status == 200
+    info = json.loads(content)
+    segmenter = info["models"]["image_to_mask"]
+    assert segmenter["labels"] == {"csf": 1, "grey matter": 2, "white matter": 3}
+    assert segmenter["config"]["num_members"] == 5 and segmenter["config"]["output"] == "seg"
+    assert "num_inference_steps" in segmenter["config"]
+    assert {"num_inference_steps", "seed"} <= set(info["models"]["mask_to_image"]["config"])
+    assert list(info["trainers"]) == ["image_to_mask"]  # mask_to_image trains with the CLI (docs/monailabel.md)
+
+
+def test_infer_returns_a_label_volume_on_the_study_grid(server):
+    seg = infer(server, "image_to_mask", "case3", num_members=2, num_inference_steps=2)
+    assert_on_study_grid(seg, server["studies"] / "case3.nii.gz")
+    labels = np.asarray(seg.dataobj)
+    assert labels.dtype == np.uint8 and labels.min() >= 0 and labels.max() < NUM_CLASSES
+
+
+def test_infer_output_uncertainty_returns_the_map_of_the_requested_ensemble(server):
+    maps = {}
+    for members in (2, 3):
+        volume = infer(server, "image_to_mask", "case3", num_members=members, num_inference_steps=2, output="uncertainty")
+        assert_on_study_grid(volume, server["studies"] / "case3.nii.gz")
+        maps[members] = np.asarray(volume.dataobj)
+        assert maps[members].dtype == np.float32
+    # disagreement is a fraction of the members that differ from the vote: multiples of 1/num_members, and a tiny
+    # random network's members differ somewhere
+    for members, values in maps.items():
+        np.testing.assert_allclose(values * members, np.round(values * members), atol=1e-5)
+        assert 0 < values.max() < 1
+    assert not np.allclose(maps[3] * 2, np.round(maps[3] * 2))  # thirds, which 2 members cannot give
+    assert "'num_inference_steps': 2" in server["log"].read_text()  # the request's steps reached the sampler
+
+
+def test_mask_to_image_answers_a_label_map_study_with_a_generated_image(server):
+    image = infer(server, "mask_to_image", "mask4", num_inference_steps=2, seed=3)
+    assert_on_study_grid(image, server["studies"] / "mask4.nii.gz")
+    values = np.asarray(image.dataobj)
+    assert values.dtype == np.float32 and values.std() > 0
+    assert values.min() >= -1.0 - 1e-5 and values.max() <= 1.0 + 1e-5  # intensities of the training scale
+    assert not (server["app"] / "model" / "mask_to_image" / "outputs").exists()  # MONAI Label returns it; nothing written
+
+
+def test_train_writes_a_new_model_that_starts_from_the_served_weights_again_and_again(server):
+    models = server["app"] / "model" / "image_to_mask" / "models"
+    served = torch.load(server["weights"]["image_to_mask"], weights_only=True)
+    for run in (1, 2):  # the second run starts over the first one's checkpoint.pt
+        before = (models / "model.pt").stat()
+        status, content = call(server["url"], "POST", "/train/image_to_mask?run_sync=true",
+                               body={"max_epochs": 1, "device": "cpu", "multi_gpu": False})
+        assert status == 200, f"/train run {run} answered {status}: {content[:2000]!r}\n{server['log_tail']()}"
+        after = (models / "model.pt").stat()
+        assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns), "no new models/model.pt"
+        trained = torch.load(models / "model.pt", weights_only=True)
+        assert set(trained) == set(served)
+        # the EMA weights began at the served model (MONAI Label's CheckpointLoader), not at a fresh initialisation
+        assert max((trained[k].float() - served[k].float()).abs().max().item() for k in served) < 1e-2
+        trainer = torch.load(models / "checkpoint.pt", weights_only=False)["trainer"]
+        assert trainer["max_epochs"] == 1 and trainer["iteration"] == trainer["epoch_length"]  # one epoch, this run's
+    seg = infer(server, "image_to_mask", "case3", num_members=2, num_inference_steps=2)  # serves the new model
+    assert_on_study_grid(seg, server["studies"] / "case3.nii.gz")
+
+
+def test_a_venv_that_cannot_be_built_raises_with_the_failing_step(tmp_path):
+    with pytest.raises(setup.VenvBuildError, match="creating the venv failed"):
+        setup.ensure_venv(tmp_path / "venv", python=str(tmp_path / "no-such-python"), quiet=True)
+    assert not setup.venv_ready(tmp_path / "venv")
+
+
+def test_set_overrides_go_to_one_bundle_or_to_all(tmp_path):
+    names = ["image_to_mask", "mask_to_image"]
+    overrides = setup._overrides(["image_to_mask:num_members=3", "image_size=[16, 16]", "sampler=ddpm"], names)
+    assert overrides == {
+        "image_to_mask": {"num_members": 3, "image_size": [16, 16], "sampler": "ddpm"},
+        "mask_to_image": {"image_size": [16, 16], "sampler": "ddpm"},
+    }
+    config = {"network_def": {"channels": [64, 128]}, "handlers": [{"a": 1}]}
+    setup.set_config_item(config, "network_def#channels", [8, 16])
+    setup.set_config_item(config, "handlers#0#a", 2)
+    assert config == {"network_def": {"channels": [8, 16]}, "handlers": [{"a": 2}]}
