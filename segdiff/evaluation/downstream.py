@@ -19,11 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_iou
-from monai.networks.utils import one_hot
 
 from segdiff.data.datalist import DatalistError, case_name, resolve_datalist
-from segdiff.evaluation.segmenter import per_class_dice, segment_case
+from segdiff.evaluation.segmenter import per_class_dice, per_class_iou, segment_case
 
 __all__ = [
     "ARMS",
@@ -148,17 +146,6 @@ def arm_data(
         if not data[arm]:
             raise DatalistError(f"arm {arm!r} has no training entries")
     return data
-
-
-def per_class_iou(prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
-    """IoU of every foreground class ``1..num_classes-1`` between two label maps of one case (MONAI's
-    ``compute_iou``); NaN where the class is absent from the truth. The twin of :func:`per_class_dice`."""
-    prediction, truth = torch.as_tensor(prediction).long().cpu(), torch.as_tensor(truth).long().cpu()
-    if prediction.shape != truth.shape:
-        raise ValueError(f"prediction shape {tuple(prediction.shape)} differs from truth shape {tuple(truth.shape)}.")
-    as_onehot = lambda x: one_hot(x[None, None], num_classes, dim=1)  # noqa: E731
-    iou = compute_iou(as_onehot(prediction), as_onehot(truth), include_background=False, ignore_empty=True)
-    return iou[0].numpy()
 
 
 def train_segmenter(

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.metrics import compute_dice
+from monai.metrics import compute_dice, compute_iou
 from monai.networks.utils import one_hot
 
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 
-__all__ = ["SegmenterInferer", "per_class_dice", "segment_case"]
+__all__ = ["SegmenterInferer", "per_class_dice", "per_class_iou", "segment_case"]
 
 
 class SegmenterInferer:
@@ -85,12 +85,21 @@ def segment_case(
     return inferer.probabilities(segmenter, torch.as_tensor(image)).argmax(dim=0)
 
 
-def per_class_dice(prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
-    """Dice of every foreground class ``1..num_classes-1`` between two label maps of one case (MONAI's
-    ``compute_dice``); NaN where the class is absent from the truth."""
+def _per_class_overlap(metric, prediction, truth, num_classes: int) -> np.ndarray:
     prediction, truth = torch.as_tensor(prediction).long().cpu(), torch.as_tensor(truth).long().cpu()
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction shape {tuple(prediction.shape)} differs from truth shape {tuple(truth.shape)}.")
     as_onehot = lambda x: one_hot(x[None, None], num_classes, dim=1)  # noqa: E731
-    dice = compute_dice(as_onehot(prediction), as_onehot(truth), include_background=False, ignore_empty=True)
-    return dice[0].numpy()
+    return metric(as_onehot(prediction), as_onehot(truth), include_background=False, ignore_empty=True)[0].numpy()
+
+
+def per_class_dice(prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
+    """Dice of every foreground class ``1..num_classes-1`` between two label maps of one case (MONAI's
+    ``compute_dice``); NaN where the class is absent from the truth."""
+    return _per_class_overlap(compute_dice, prediction, truth, num_classes)
+
+
+def per_class_iou(prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
+    """IoU of every foreground class ``1..num_classes-1`` between two label maps of one case (MONAI's
+    ``compute_iou``); NaN where the class is absent from the truth. The twin of :func:`per_class_dice`."""
+    return _per_class_overlap(compute_iou, prediction, truth, num_classes)
