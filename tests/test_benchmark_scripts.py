@@ -50,3 +50,24 @@ def test_ensemble_benchmark_compares_one_batch_with_sequential_chains(tiny_prese
     assert "sequential chains (published)" in out
     fast = [line for line in out.splitlines() if "one batch" in line][0]
     assert float(fast.split("|")[3].strip().rstrip("x")) > 1.0  # fewer, batched steps are faster
+
+
+def test_ensemble_benchmark_times_the_published_protocol_on_fewer_slices(tiny_preset, capsys):
+    load_script("benchmark_ensemble").main(
+        ["--preset", tiny_preset, "--slices", "3", "--published-slices", "1", "--num-members", "2", "--ddpm-steps", "4",
+         "--ddim-steps", "2"]
+    )
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in capsys.readouterr().out.splitlines()
+            if "DDPM-4" in line or "DDIM-2" in line}
+    published = rows["2 x DDPM-4, sequential chains (published)"]
+    assert float(published[0]) > 0 and published[1].strip() == "1.0x"
+    assert float(rows["2 members as one batch, DDIM-2"][1].strip().rstrip("x")) > 0
+
+
+def test_ensemble_benchmark_can_skip_the_published_protocol(tiny_preset, capsys):
+    load_script("benchmark_ensemble").main(
+        ["--preset", tiny_preset, "--slices", "2", "--published-slices", "0", "--num-members", "2", "--ddim-steps", "2"]
+    )
+    out = capsys.readouterr().out
+    assert "sequential chains" not in out
+    assert [line.split("|")[3].strip() for line in out.splitlines() if "DDIM-2" in line] == ["n/a"]
