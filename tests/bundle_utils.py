@@ -191,7 +191,9 @@ def write_synthetic_set(root: Path, real_datalist: Path, samples: int = 2, split
             data = image.get_fdata().astype(np.float32) + rng.normal(0, 5.0, image.shape).astype(np.float32)
             nib.save(nib.Nifti1Image(data, image.affine), str(root / "images" / f"{case}_syn{k}.nii.gz"))
             nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine), str(root / "labels" / f"{case}_syn{k}.nii.gz"))
-            entries.append({"image": f"images/{case}_syn{k}.nii.gz", "label": f"labels/{case}_syn{k}.nii.gz"})
+            # the scores synthesize.yaml records with each pair (nested, with nulls) ride along, as in its datalist
+            entries.append({"image": f"images/{case}_syn{k}.nii.gz", "label": f"labels/{case}_syn{k}.nii.gz",
+                            "case": case, "dice": {"class_1": 0.9, "class_2": None}, "mean_dice": 0.9})
     path = root / "datalist.json"
     path.write_text(json.dumps({"training": entries, "labels": real.get("labels", {})}, indent=1))
     return path

@@ -135,14 +135,18 @@ def synthetic_entries(
 def arm_data(
     arms: Sequence[str], real: Sequence[Mapping[str, Any]], synthetic: Sequence[Mapping[str, Any]] | None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Training entries of each arm: ``real``, ``synthetic`` or ``mixed`` (both, in one shuffled pool)."""
+    """Training entries of each arm: ``real``, ``synthetic`` or ``mixed`` (both, in one shuffled pool).
+
+    Only ``image`` and ``label`` are kept: synthetic entries carry their scores (nested, with nulls), which a data
+    loader cannot collate beside real entries that have none."""
     data = {}
     for arm in arms:
         if arm not in ARMS:
             raise ValueError(f"unknown arm {arm!r}: expected some of {list(ARMS)}")
         if arm != "real" and synthetic is None:
             raise ValueError(f"arm {arm!r} needs synthetic pairs: set synthetic_datalist")
-        data[arm] = [dict(e) for e in (real if arm == "real" else synthetic if arm == "synthetic" else [*real, *synthetic])]
+        chosen = real if arm == "real" else synthetic if arm == "synthetic" else [*real, *synthetic]
+        data[arm] = [{"image": e["image"], "label": e["label"]} for e in chosen]
         if not data[arm]:
             raise DatalistError(f"arm {arm!r} has no training entries")
     return data
