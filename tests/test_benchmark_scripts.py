@@ -55,10 +55,11 @@ def test_ensemble_benchmark_compares_one_batch_with_sequential_chains(tiny_prese
 def test_ensemble_benchmark_times_the_published_protocol_on_fewer_slices(tiny_preset, capsys):
     load_script("benchmark_ensemble").main(
         ["--preset", tiny_preset, "--slices", "3", "--published-slices", "1", "--num-members", "2", "--ddpm-steps", "4",
-         "--ddim-steps", "2"]
+         "--ddim-steps", "2", "--clock", "process"]
     )
-    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in capsys.readouterr().out.splitlines()
-            if "DDPM-4" in line or "DDIM-2" in line}
+    out = capsys.readouterr().out
+    assert "process time" in out.splitlines()[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in out.splitlines() if "DDPM-4" in line or "DDIM-2" in line}
     published = rows["2 x DDPM-4, sequential chains (published)"]
     assert float(published[0]) > 0 and published[1].strip() == "1.0x"
     assert float(rows["2 members as one batch, DDIM-2"][1].strip().rstrip("x")) > 0
