@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.build_only and args.studies is None:
         parser.error("--studies is required unless --build-only")
+    if args.studies is not None and not args.build_only and not args.studies.is_dir():
+        parser.error(f"--studies {args.studies}: no such folder (MONAI Label's datastore: <id>.nii.gz, labels in "
+                     "labels/final/<id>.nii.gz)")
     try:
         python = ensure_venv(args.venv)
         install_segdiff(args.venv)

@@ -256,3 +256,11 @@ def test_set_overrides_go_to_one_bundle_or_to_all(tmp_path):
     setup.set_config_item(config, "network_def#channels", [8, 16])
     setup.set_config_item(config, "handlers#0#a", 2)
     assert config == {"network_def": {"channels": [8, 16]}, "handlers": [{"a": 2}]}
+
+
+def test_setup_script_refuses_a_missing_studies_folder_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_setup_script().main(["--studies", str(tmp_path / "missing"), "--venv", str(tmp_path / "venv"), "--no-start"])
+    assert exit_info.value.code == 2
+    assert f"--studies {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "venv").exists()
