@@ -37,16 +37,11 @@ from segdiff.synthesis.filter import (
 )
 from segdiff.synthesis.judges import load_weights
 from segdiff.synthesis.records import SynthesisRecords, file_digest, pair_names
-from segdiff.transforms.io import _case_name
+from segdiff.transforms.io import output_case_name as case_name
 
 __all__ = ["DiffusionGenerator", "Synthesizer", "case_name", "derive_seed"]
 
 logger = logging.getLogger(__name__)
-
-
-def case_name(path: Any) -> str:
-    """The case name of a mask file: its file name without the extension (``.nii.gz``, ``.png``, ...)."""
-    return _case_name(path)
 
 
 def derive_seed(seed: int, case: str, round_index: int) -> int:

@@ -11,23 +11,23 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SaveImage
 
-__all__ = ["SaveSamplesd", "check_outputs_free", "existing_outputs", "sample_output_paths"]
+from segdiff.data.datalist import case_name
+
+__all__ = ["SaveSamplesd", "check_outputs_free", "existing_outputs", "output_case_name", "sample_output_paths"]
 
 
-def _case_name(path: str | os.PathLike | list) -> str:
-    if isinstance(path, (list, tuple)):  # one file per channel: named after the first, as MONAI's SaveImage does
+def output_case_name(path: str | os.PathLike | list) -> str:
+    """The case name outputs are named after: the file name without its image extension; with one file per channel,
+    the first file's (as MONAI's SaveImage does)."""
+    if isinstance(path, (list, tuple)):
         path = path[0]
-    name = Path(str(path)).name
-    for ext in (".nii.gz", ".nii", ".png", ".mha", ".nrrd", ".mhd"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
+    return case_name(str(path)) or Path(str(path)).stem
 
 
 def sample_output_paths(source: str | os.PathLike, output_dir: str, num_samples: int, postfix: str) -> list[str]:
     """Where the samples of one case go: ``<output_dir>/<case>_<postfix>.nii.gz`` for one sample, else
     ``<case>_sample<k>_<postfix>.nii.gz`` for k = 0..num_samples-1. ``<case>`` is the source file's name."""
-    case = _case_name(source)
+    case = output_case_name(source)
     if num_samples == 1:
         return [os.path.join(output_dir, f"{case}_{postfix}.nii.gz")]
     return [os.path.join(output_dir, f"{case}_sample{k}_{postfix}.nii.gz") for k in range(num_samples)]
