@@ -9,7 +9,11 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("convert", "data", "engine", "evaluation", "export", "synthesis", "transforms", "visualize")
+_SUBMODULES = ("config", "convert", "data", "engine", "evaluation", "export", "synthesis", "transforms", "visualize")
+
+from segdiff.errors import SegdiffError, install_excepthook  # noqa: E402  (no torch: the CLI starts fast)
+
+install_excepthook()
 
 
 def __getattr__(name: str):

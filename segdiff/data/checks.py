@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from segdiff.errors import SegdiffError
 from segdiff.data.datalist import load_datalist
 
 __all__ = ["DataCheckError", "find_problems", "check_datalist", "AFFINE_TOLERANCE", "MAX_REPORTED_VALUES"]
@@ -30,7 +31,7 @@ AFFINE_TOLERANCE = 1e-3
 MAX_REPORTED_VALUES = 5
 
 
-class DataCheckError(ValueError):
+class DataCheckError(SegdiffError, ValueError):
     """Problems found in a datalist's files: a header line, then one bullet line per problem."""
 
     def __init__(self, problems: Sequence[str], datalist_name: str = "datalist"):

@@ -34,6 +34,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from segdiff.errors import SegdiffError
+
 __all__ = [
     "DatalistError",
     "SPLITS",
@@ -60,7 +62,7 @@ _SEGGUIDED_SPLITS = (("train", "training"), ("val", "validation"), ("test", "tes
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-class DatalistError(ValueError):
+class DatalistError(SegdiffError, ValueError):
     """A data set folder or datalist does not follow the expected layout (the message says where)."""
 
 
