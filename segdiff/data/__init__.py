@@ -5,7 +5,7 @@ is imported (``"imports": ["$import segdiff"]``), e.g.
 ``"$segdiff.data.checks.check_datalist(@datalist, @dataset_dir, @num_classes)"``.
 """
 
-from segdiff.data import checks, datalist, demo, inputs, nnunet
+from segdiff.data import checks, datalist, demo, inputs, naming, nnunet
 from segdiff.data.checks import DataCheckError, check_datalist, find_problems
 from segdiff.data.datalist import (
     DatalistError,
@@ -23,6 +23,7 @@ __all__ = [
     "datalist",
     "demo",
     "inputs",
+    "naming",
     "nnunet",
     "DataCheckError",
     "DatalistError",

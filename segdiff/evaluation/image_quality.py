@@ -22,15 +22,15 @@ distance between real and generated images (FID on network features, MMD on the 
 from __future__ import annotations
 
 import itertools
-import os
 import pydoc
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+# transitional: downstream.source_case still imports this name; naming lives in segdiff.data.naming
+from segdiff.data.naming import _SYNTHETIC_NAME as _SAMPLE_SUFFIX  # noqa: F401
 from segdiff.engine.grid import resize, to_network_units
 
 __all__ = [
@@ -49,9 +49,6 @@ __all__ = [
 
 #: Wang et al.'s MS-SSIM scale weights (finest first), MONAI's default
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-
-_SAMPLE_SUFFIX = re.compile(r"^(?P<case>.+)_syn\d+$")
-
 
 def ms_ssim_weights(
     spatial_shape: Sequence[int], kernel_size: int = 11, weights: Sequence[float] = MS_SSIM_WEIGHTS
@@ -297,7 +294,7 @@ def mask_groups(entries: Sequence[Mapping[str, Any]], group_key: str | None = No
     """Which entries were generated from one mask: by ``entry[group_key]`` when given, else by the entry's ``"case"``
     (synthesize.yaml records it), else by the image name ``<case>_syn<k>`` (synthesize.yaml's naming), else by the
     label file. Returns group -> entry indices."""
-    from segdiff.data.datalist import case_name
+    from segdiff.data.naming import source_of_synthetic_case
 
     groups: dict[str, list[int]] = {}
     for index, entry in enumerate(entries):
@@ -309,8 +306,7 @@ def mask_groups(entries: Sequence[Mapping[str, Any]], group_key: str | None = No
             group = str(entry["case"])
         else:
             image = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
-            match = _SAMPLE_SUFFIX.match(case_name(image) or os.path.basename(image))
-            group = match.group("case") if match else str(entry.get("label", image))
+            group = source_of_synthetic_case(image) or str(entry.get("label", image))
         groups.setdefault(group, []).append(index)
     return groups
 

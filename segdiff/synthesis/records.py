@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from segdiff.data.naming import synthetic_case_name
+
 __all__ = ["SynthesisRecords", "file_digest", "pair_names"]
 
 PARTIAL = ".partial"
@@ -41,8 +43,10 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def pair_names(case: str, k: int) -> tuple[str, str]:
-    """Paths of the k-th kept pair of a mask, relative to the output folder."""
-    return f"images/{case}_syn{k}.nii.gz", f"labels/{case}_syn{k}.nii.gz"
+    """Paths of the k-th kept pair of a mask, relative to the output folder (named by
+    :func:`segdiff.data.naming.synthetic_case_name`)."""
+    name = synthetic_case_name(case, k)
+    return f"images/{name}.nii.gz", f"labels/{name}.nii.gz"
 
 
 def partial_name(relative: str) -> str:

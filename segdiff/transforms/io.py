@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SaveImage
 
-from segdiff.data.datalist import case_name
+from segdiff.data.naming import output_case_name  # the naming lives in data; re-exported here
 
 __all__ = ["SaveSamplesd", "check_outputs_free", "existing_outputs", "output_case_name", "sample_output_paths"]
-
-
-def output_case_name(path: str | os.PathLike | list) -> str:
-    """The case name outputs are named after: the file name without its image extension; with one file per channel,
-    the first file's (as MONAI's SaveImage does)."""
-    if isinstance(path, (list, tuple)):
-        path = path[0]
-    return case_name(str(path)) or Path(str(path)).stem
 
 
 def sample_output_paths(source: str | os.PathLike, output_dir: str, num_samples: int, postfix: str) -> list[str]:
