@@ -134,10 +134,9 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_run(args: argparse.Namespace) -> int:
     from segdiff.data.checks import DataCheckError, find_problems
-    from segdiff.data.datalist import load_datalist
+    from segdiff.data.datalist import as_datalist
 
-    datalist = load_datalist(args.datalist)
-    dataset_dir = args.dataset_dir or os.path.dirname(os.path.abspath(args.datalist))
+    datalist, dataset_dir, _ = as_datalist(args.datalist, args.dataset_dir)
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f"data set folder not found: {dataset_dir}")
     problems = find_problems(

@@ -293,3 +293,11 @@ def test_check_datalist_works_from_a_bundle_config_expression(dataset):
         }
     )
     assert parser.get_parsed_content("check") == 3
+
+
+def test_a_loaded_datalist_without_its_folder_is_refused_naming_it(dataset):
+    from segdiff.data.datalist import DatalistError
+
+    _, datalist = dataset
+    with pytest.raises(DatalistError, match="spleen: dataset_dir is required"):
+        find_problems(datalist, None, 3, datalist_name="spleen")

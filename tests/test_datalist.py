@@ -9,6 +9,7 @@ import pytest
 
 from segdiff.data.datalist import (
     DatalistError,
+    as_datalist,
     build_datalist,
     case_name,
     load_datalist,
@@ -329,3 +330,30 @@ def test_resolve_missing_split_names_datalist_and_split(tmp_path):
 def test_resolve_empty_split_is_an_error_naming_it(tmp_path):
     with pytest.raises(DatalistError, match=r"spleen: split 'validation' is empty"):
         resolve_datalist({"validation": []}, tmp_path, "validation", datalist_name="spleen")
+
+
+# ------------------------------------------------------------------------------- path or loaded datalist
+def test_as_datalist_reads_a_file_with_its_folder_and_path_as_name(tmp_path):
+    path = save_datalist({"training": [{"image": "a.png"}]}, tmp_path / "sub" / "d.json")
+    datalist, folder, name = as_datalist(path)
+    assert datalist == {"training": [{"image": "a.png"}]}
+    assert folder == str(tmp_path / "sub") and name == str(path)
+    assert as_datalist(path, tmp_path / "elsewhere", "spleen")[1:] == (str(tmp_path / "elsewhere"), "spleen")
+
+
+def test_as_datalist_passes_a_mapping_through_and_needs_its_folder(tmp_path):
+    loaded = {"training": []}
+    datalist, folder, name = as_datalist(loaded, tmp_path)
+    assert datalist is loaded and folder == str(tmp_path) and name == "datalist"
+    with pytest.raises(DatalistError, match="spleen: dataset_dir is required when the datalist is not a file"):
+        as_datalist(loaded, None, "spleen")
+
+
+def test_as_datalist_refuses_what_is_neither_a_path_nor_a_mapping(tmp_path):
+    with pytest.raises(DatalistError, match="expected a datalist JSON path or a mapping of splits, found list"):
+        as_datalist([{"image": "a.png"}], tmp_path)
+
+
+def test_as_datalist_of_a_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        as_datalist(tmp_path / "nope.json")

@@ -144,6 +144,18 @@ def test_real_and_synthetic_datalists_export_together_with_distinct_case_names(r
     assert any("split 'validation' not found" in note for note in record["notes"])
 
 
+def test_a_loaded_datalist_exports_like_its_file_and_needs_its_folder(real, tmp_path):
+    loaded = json.loads(real.read_text())
+    raises_with("dataset_dir is required when the datalist is not a file", export, loaded, tmp_path)
+    folder = export(loaded, tmp_path, dataset_dir=real.parent)
+    assert sorted(p.name for p in (tmp_path / "raw" / "Dataset042_Brain" / "labelsTr").iterdir()) == [
+        f"case{i}.nii.gz" for i in range(4)
+    ]
+    record = json.loads((tmp_path / "raw" / "Dataset042_Brain" / EXPORT_RECORD).read_text())
+    assert record["sources"] == [{"datalist": "datalist", "dataset_dir": str(real.parent)}]
+    assert folder == str(tmp_path / "raw" / "Dataset042_Brain")
+
+
 def test_colliding_case_names_are_an_error_and_prefixes_resolve_them(real, tmp_path):
     raises_with("both become nnU-Net case 'case0'", export, [real, real], tmp_path)
     assert not (tmp_path / "raw" / "Dataset042_Brain").exists()

@@ -9,6 +9,7 @@ from segdiff.data import checks, datalist, demo, inputs, naming, nnunet
 from segdiff.data.checks import DataCheckError, check_datalist, find_problems
 from segdiff.data.datalist import (
     DatalistError,
+    as_datalist,
     build_datalist,
     load_datalist,
     resolve_datalist,
@@ -27,6 +28,7 @@ __all__ = [
     "nnunet",
     "DataCheckError",
     "DatalistError",
+    "as_datalist",
     "build_datalist",
     "export_nnunet",
     "check_datalist",

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from segdiff.errors import SegdiffError
-from segdiff.data.datalist import load_datalist
+from segdiff.data.datalist import as_datalist
 
 __all__ = ["DataCheckError", "find_problems", "check_datalist", "AFFINE_TOLERANCE", "MAX_REPORTED_VALUES"]
 
@@ -188,7 +188,7 @@ def find_problems(
     label_key: str = "label",
     require_label: bool = True,
     require_image: bool = True,
-    datalist_name: str = "datalist",
+    datalist_name: str | None = None,
 ) -> list[str]:
     """Check every entry of the given splits and return every problem found (an empty list: all good).
 
@@ -211,22 +211,15 @@ def find_problems(
         require_label: report entries without a label (default True); False for image-only datalists.
         require_image: report entries without an image (default True); False for mask-only datalists, e.g.
             masks to generate images from.
-        datalist_name: name in messages (default ``"datalist"``; the file path when ``datalist`` is a path).
+        datalist_name: name in messages (default: the file path when ``datalist`` is a path, else ``"datalist"``).
     """
-    if isinstance(datalist, (str, os.PathLike)):
-        if datalist_name == "datalist":
-            datalist_name = os.fspath(datalist)
-        if dataset_dir is None:
-            dataset_dir = os.path.dirname(os.path.abspath(os.fspath(datalist)))
-        datalist = load_datalist(datalist)
-    if dataset_dir is None:
-        raise ValueError(f"{datalist_name}: dataset_dir is required when the datalist is not a file")
+    datalist, dataset_dir, datalist_name = as_datalist(datalist, dataset_dir, datalist_name)
     if isinstance(splits, str):
         splits = [splits]
     if num_classes is None or int(num_classes) < 0:
         raise ValueError(f"num_classes must be an integer >= 0, found {num_classes!r}")
     channels = None if image_channels is None else int(image_channels)
-    checker = _Checker(os.fspath(dataset_dir), int(num_classes), channels)
+    checker = _Checker(dataset_dir, int(num_classes), channels)
 
     for split in splits:
         entries = datalist.get(split)
@@ -284,7 +277,7 @@ def check_datalist(
     label_key: str = "label",
     require_label: bool = True,
     require_image: bool = True,
-    datalist_name: str = "datalist",
+    datalist_name: str | None = None,
 ) -> int:
     """Check a datalist like :func:`find_problems` and raise if anything is wrong.
 
@@ -297,12 +290,7 @@ def check_datalist(
     Raises:
         DataCheckError: with every problem, one per line.
     """
-    if isinstance(datalist, (str, os.PathLike)):
-        if datalist_name == "datalist":
-            datalist_name = os.fspath(datalist)
-        if dataset_dir is None:
-            dataset_dir = os.path.dirname(os.path.abspath(os.fspath(datalist)))
-        datalist = load_datalist(datalist)
+    datalist, dataset_dir, datalist_name = as_datalist(datalist, dataset_dir, datalist_name)
     if isinstance(splits, str):
         splits = [splits]
     problems = find_problems(

@@ -46,6 +46,7 @@ __all__ = [
     "load_datalist",
     "save_datalist",
     "resolve_datalist",
+    "as_datalist",
     "case_name",
 ]
 
@@ -398,6 +399,44 @@ def save_datalist(datalist: Mapping[str, Any], path: str | os.PathLike, overwrit
     return path
 
 
+def as_datalist(
+    datalist: Mapping[str, Any] | str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    datalist_name: str | None = None,
+) -> tuple[Mapping[str, Any], str, str]:
+    """Accept a datalist JSON file or an already-loaded datalist: the one place that tells the two apart.
+
+    Args:
+        datalist: the datalist, or the path of its JSON file (read with :func:`load_datalist`).
+        dataset_dir: the folder the datalist's paths are relative to; None: the datalist file's folder (only when
+            ``datalist`` is a path).
+        datalist_name: name for messages; None: the file path, or ``"datalist"`` for a mapping.
+
+    Returns:
+        ``(datalist, dataset_dir, datalist_name)``: the mapping, the folder its paths start from, its name.
+
+    Raises:
+        FileNotFoundError: the JSON file does not exist.
+        DatalistError: the file is not a JSON object, ``datalist`` is neither a path nor a mapping, or
+            ``dataset_dir`` is missing for a mapping.
+    """
+    if isinstance(datalist, (str, os.PathLike)):
+        path = os.fspath(datalist)
+        datalist_name = datalist_name or path
+        if dataset_dir is None:
+            dataset_dir = os.path.dirname(os.path.abspath(path))
+        datalist = load_datalist(path)
+    elif not isinstance(datalist, Mapping):
+        raise DatalistError(
+            f"{datalist_name or 'datalist'}: expected a datalist JSON path or a mapping of splits, "
+            f"found {type(datalist).__name__}"
+        )
+    datalist_name = datalist_name or "datalist"
+    if dataset_dir is None:
+        raise DatalistError(f"{datalist_name}: dataset_dir is required when the datalist is not a file")
+    return datalist, os.fspath(dataset_dir), datalist_name
+
+
 def _resolve_path(value: Any, dataset_dir: str) -> Any:
     """Make one datalist path (or list of paths) absolute against ``dataset_dir``."""
     if isinstance(value, str):
@@ -428,14 +467,7 @@ def resolve_datalist(
     Raises:
         DatalistError: the split is missing, not a list, or empty.
     """
-    if isinstance(datalist, (str, os.PathLike)):
-        datalist_name = datalist_name or os.fspath(datalist)
-        if dataset_dir is None:
-            dataset_dir = os.path.dirname(os.path.abspath(os.fspath(datalist)))
-        datalist = load_datalist(datalist)
-    datalist_name = datalist_name or "datalist"
-    if dataset_dir is None:
-        raise DatalistError(f"{datalist_name}: dataset_dir is required when the datalist is not a file")
+    datalist, dataset_dir, datalist_name = as_datalist(datalist, dataset_dir, datalist_name)
     entries = datalist.get(split)
     if entries is None:
         splits = [k for k in datalist if isinstance(datalist[k], list)]
@@ -446,7 +478,6 @@ def resolve_datalist(
         )
     if not entries:
         raise DatalistError(f"{datalist_name}: split {split!r} is empty")
-    dataset_dir = os.fspath(dataset_dir)
     resolved = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from segdiff.data.checks import check_datalist
-from segdiff.data.datalist import IMAGE_EXTENSIONS, load_datalist, resolve_datalist
+from segdiff.data.datalist import IMAGE_EXTENSIONS, resolve_datalist
 
 __all__ = ["check_inference_entries", "inference_entries", "require_file"]
 
@@ -38,7 +38,7 @@ def inference_entries(
         if not files:
             raise ValueError(f"input folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
         return [{key: f} for f in files]
-    entries = resolve_datalist(load_datalist(datalist), dataset_dir, split)
+    entries = resolve_datalist(datalist, dataset_dir, split)
     keys = [key] + (["image"] if with_image and key != "image" else [])
     for index, entry in enumerate(entries):
         for k in keys:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from segdiff.data.checks import DataCheckError, find_problems
-from segdiff.data.datalist import DatalistError, case_name, load_datalist
+from segdiff.data.datalist import DatalistError, as_datalist, case_name
 
 __all__ = [
     "EXPORT_RECORD",
@@ -304,8 +304,193 @@ def _merged_names(
     return found, source
 
 
+def _gather_sources(
+    datalist: Mapping[str, Any] | str | os.PathLike | Sequence[Mapping[str, Any] | str | os.PathLike],
+    dataset_dir: str | os.PathLike | Sequence[str | os.PathLike] | None,
+) -> tuple[list[tuple[str, Mapping[str, Any], str]], list[str | None]]:
+    """``(name, datalist, dataset_dir)`` per datalist given, and each one's absolute JSON path (None: a mapping)."""
+    items = [datalist] if isinstance(datalist, (str, os.PathLike, Mapping)) else list(datalist)
+    if not items:
+        raise ValueError("no datalist given")
+    if dataset_dir is None:
+        dirs: list[Any] = [None] * len(items)
+    else:
+        dirs = [dataset_dir] if isinstance(dataset_dir, (str, os.PathLike)) else list(dataset_dir)
+        if len(dirs) != len(items):
+            raise ValueError(f"{len(dirs)} dataset folder(s) for {len(items)} datalist(s): give one each, or none")
+    sources, files = [], []
+    for index, (item, directory) in enumerate(zip(items, dirs)):
+        is_file = isinstance(item, (str, os.PathLike))
+        unnamed = None if is_file or len(items) == 1 else f"datalist[{index}]"
+        data, directory, source_name = as_datalist(item, directory, unnamed)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"data set folder not found: {directory}")
+        sources.append((source_name, data, directory))
+        files.append(os.path.abspath(os.fspath(item)) if is_file else None)
+    return sources, files
+
+
+def _check_target(output_dir: str, folder_name: str, dataset_id: int, overwrite: bool) -> str:
+    """The data set folder to write; refuse an existing one (unless ``overwrite``) and another folder with the id."""
+    target = os.path.join(output_dir, folder_name)
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    if os.path.isdir(output_dir):
+        prefix = f"Dataset{int(dataset_id):03d}_"
+        others = sorted(d for d in os.listdir(output_dir) if d.startswith(prefix) and d != folder_name)
+        if others:
+            raise FileExistsError(
+                f"{output_dir} already has {others[0]} with dataset id {int(dataset_id)}: nnU-Net needs one folder per "
+                "id; choose another id (--id) or remove it"
+            )
+    return target
+
+
+def _class_names(
+    given: Any, sources: Sequence[tuple[str, Mapping[str, Any], str]], cases: Sequence[Mapping[str, Any]]
+) -> tuple[dict[int, str], str, int]:
+    """``(index -> class name, where the names came from, number of classes)``; class 0 is called background."""
+    label_names, label_source = _merged_names(given, sources, "labels")
+    num_classes = len(label_names) if label_names else _find_label_count(cases)
+    if label_names is None:
+        label_names = {k: f"class_{k}" for k in range(num_classes)}
+        label_source = "class_<k>: no names given"
+    label_names = dict(label_names)
+    label_names[0] = "background"  # nnU-Net requires this name for class 0
+    return label_names, label_source, num_classes
+
+
+def _count_channels(case: Mapping[str, Any]) -> int | None:
+    """The image channels of one case as the bundles read them; None when unreadable (the checks report it)."""
+    from monai.transforms import LoadImage
+
+    paths = [os.path.join(case["dataset_dir"], os.path.expanduser(p)) for p in _file_paths(case["image"])]
+    try:
+        image = LoadImage(image_only=True, ensure_channel_first=True)(paths if len(paths) > 1 else paths[0])
+    except Exception:  # reported with every other problem by the datalist checks
+        return None
+    return int(image.shape[0])
+
+
+def _channel_names(
+    given: Any, sources: Sequence[tuple[str, Mapping[str, Any], str]], first: Mapping[str, Any]
+) -> tuple[dict[int, str] | None, int | None]:
+    """``(index -> channel name or None when none are given, channel count of the first case)``."""
+    num_channels = _count_channels(first)
+    channels, _ = _merged_names(given, sources, "channel_names")
+    if channels is not None and num_channels is not None and len(channels) != num_channels:
+        raise ValueError(
+            f"channel_names {channels} name {len(channels)} channel(s), but {first['datalist']}: "
+            f"{first['split']}[{first['index']}] has {num_channels}"
+        )
+    return channels, num_channels
+
+
+def _check_sources(
+    sources: Sequence[tuple[str, Mapping[str, Any], str]], splits: Sequence[str], num_classes: int,
+    num_channels: int | None,
+) -> None:
+    """Run the datalist checks on the exported splits of every datalist; raise with every problem found."""
+    problems = []
+    for source_name, data, directory in sources:
+        present = [s for s in splits if data.get(s)]
+        if present:
+            problems += [
+                f"{source_name}: {p}"
+                for p in find_problems(data, directory, num_classes, num_channels, splits=present,
+                                       datalist_name=source_name)
+            ]
+    if problems:
+        raise DataCheckError(problems, ", ".join(s[0] for s in sources))
+
+
+def _dataset_json(
+    name: str, description: str | None, sources: Sequence[tuple[str, Mapping[str, Any], str]],
+    channels: Mapping[int, str], label_names: Mapping[int, str], num_training: int,
+) -> dict[str, Any]:
+    """nnU-Net's ``dataset.json``; reference and licence are copied when the datalists agree on one."""
+    if description is None:
+        description = sources[0][1].get("description") if len(sources) == 1 else None
+        description = description or "exported by segdiff export-nnunet from " + ", ".join(s[0] for s in sources)
+    dataset_json: dict[str, Any] = {
+        "name": name,
+        "description": description,
+        "channel_names": {str(k): v for k, v in channels.items()},
+        "labels": {label_names[k]: k for k in sorted(label_names)},
+        "numTraining": num_training,
+        "file_ending": FILE_ENDING,
+    }
+    for key, nnunet_key in (("reference", "reference"), ("licence", "licence"), ("license", "licence")):
+        values = {d.get(key) for _, d, _ in sources if d.get(key)}
+        if len(values) == 1:
+            dataset_json[nnunet_key] = values.pop()
+    return dataset_json
+
+
+def _export_record(
+    sources: Sequence[tuple[str, Mapping[str, Any], str]], files: Sequence[str | None], splits: Sequence[str],
+    case_prefix: Sequence[str] | None, label_source: str, notes: Sequence[str], cases: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """:data:`EXPORT_RECORD`: the sources, the settings and the datalist entry of every nnU-Net case."""
+    return {
+        "sources": [
+            {"datalist": file or source_name, "dataset_dir": os.path.abspath(directory)}
+            for (source_name, _, directory), file in zip(sources, files)
+        ],
+        "splits": list(splits),
+        "case_prefix": list(case_prefix) if case_prefix else None,
+        "labels_from": label_source,
+        "notes": list(notes),
+        "cases": {c["case"]: {k: c[k] for k in ("datalist", "split", "index", "image", "label")} for c in cases},
+    }
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+
+
+def _write_staging(
+    staging: str, cases: Sequence[Mapping[str, Any]], num_classes: int, dataset_json: Mapping[str, Any],
+    record: Mapping[str, Any], progress: bool, what: str,
+) -> None:
+    """Write the whole data set (cases, ``dataset.json``, export record) into the fresh folder ``staging``."""
+    if os.path.exists(staging):
+        shutil.rmtree(staging)
+    images_dir, labels_dir = os.path.join(staging, "imagesTr"), os.path.join(staging, "labelsTr")
+    os.makedirs(images_dir)
+    os.makedirs(labels_dir)
+    iterator: Any = cases
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(cases, desc=f"writing {what}", unit="case")
+    for case in iterator:
+        _export_case(case, images_dir, labels_dir, num_classes)
+    _write_json(os.path.join(staging, "dataset.json"), dataset_json)
+    _write_json(os.path.join(staging, EXPORT_RECORD), record)
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    """Replace ``target`` by the finished ``staging`` folder; an existing target keeps files an export does not
+    write (``imagesTs``, ...)."""
+    if not os.path.exists(target):
+        os.replace(staging, target)
+        return
+    for item in ("imagesTr", "labelsTr", "dataset.json", EXPORT_RECORD):
+        old = os.path.join(target, item)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        elif os.path.exists(old):
+            os.remove(old)
+    for item in os.listdir(staging):
+        os.replace(os.path.join(staging, item), os.path.join(target, item))
+    shutil.rmtree(staging)
+
+
 def export_nnunet(
-    datalist: str | os.PathLike | Sequence[str | os.PathLike],
+    datalist: Mapping[str, Any] | str | os.PathLike | Sequence[Mapping[str, Any] | str | os.PathLike],
     output_dir: str | os.PathLike,
     dataset_id: int,
     name: str,
@@ -326,12 +511,12 @@ def export_nnunet(
     beside the target and moved into place at the end, so a crash leaves no half-written data set.
 
     Args:
-        datalist: a datalist JSON file, or several (e.g. the real data's and a synthetic set's).
+        datalist: a datalist JSON file or a loaded datalist, or several (e.g. the real data's and a synthetic set's).
         output_dir: nnU-Net's raw folder (``$nnUNet_raw``); created if missing.
         dataset_id: the nnU-Net dataset id, 1..999 (no other ``DatasetXXX_*`` folder there may use it).
         name: the dataset name: ``Dataset042_<name>``.
         dataset_dir: folder(s) the datalists' paths are relative to, one per datalist (default: each datalist's
-            own folder).
+            own folder; required for a loaded datalist).
         splits: the splits whose pairs are exported (default training and validation; nnU-Net makes its own
             cross-validation folds); a datalist without one of them is skipped for it.
         labels: class names, index -> name (any form :func:`parse_names` reads); default: the datalists'
@@ -353,135 +538,28 @@ def export_nnunet(
         FileExistsError: the data set folder exists and ``overwrite`` is False, or another folder uses the id.
         ValueError: bad arguments, colliding case identifiers, inconsistent names.
     """
-    from monai.transforms import LoadImage
-
-    paths = [os.fspath(datalist)] if isinstance(datalist, (str, os.PathLike)) else [os.fspath(p) for p in datalist]
-    if not paths:
-        raise ValueError("no datalist given")
-    if dataset_dir is None:
-        dirs = [os.path.dirname(os.path.abspath(p)) for p in paths]
-    else:
-        dirs = [os.fspath(dataset_dir)] if isinstance(dataset_dir, (str, os.PathLike)) else [os.fspath(d) for d in dataset_dir]
-        if len(dirs) != len(paths):
-            raise ValueError(f"{len(dirs)} dataset folder(s) for {len(paths)} datalist(s): give one each, or none")
-    for d in dirs:
-        if not os.path.isdir(d):
-            raise FileNotFoundError(f"data set folder not found: {d}")
+    sources, files = _gather_sources(datalist, dataset_dir)
     splits = [splits] if isinstance(splits, str) else list(splits)
     folder_name = dataset_folder_name(dataset_id, name)
     output_dir = os.fspath(output_dir)
-    target = os.path.join(output_dir, folder_name)
-    if os.path.exists(target) and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
-    if os.path.isdir(output_dir):
-        prefix = f"Dataset{int(dataset_id):03d}_"
-        others = sorted(d for d in os.listdir(output_dir) if d.startswith(prefix) and d != folder_name)
-        if others:
-            raise FileExistsError(
-                f"{output_dir} already has {others[0]} with dataset id {int(dataset_id)}: nnU-Net needs one folder per "
-                "id; choose another id (--id) or remove it"
-            )
+    target = _check_target(output_dir, folder_name, dataset_id, overwrite)
 
-    loaded = [(p, load_datalist(p), d) for p, d in zip(paths, dirs)]
-    cases, notes = plan_cases(loaded, splits, case_prefix)
+    cases, notes = plan_cases(sources, splits, case_prefix)
     if not cases:
-        raise DatalistError(f"nothing to export: no entries in splits {splits} of {', '.join(paths)}")
-
-    label_names, label_source = _merged_names(labels, loaded, "labels")
-    num_classes = len(label_names) if label_names else _find_label_count(cases)
-    if label_names is None:
-        label_names = {k: f"class_{k}" for k in range(num_classes)}
-        label_source = "class_<k>: no names given"
-    first = cases[0]
-    first_paths = [os.path.join(first["dataset_dir"], os.path.expanduser(p)) for p in _file_paths(first["image"])]
-    try:
-        first_image = LoadImage(image_only=True, ensure_channel_first=True)(
-            first_paths if len(first_paths) > 1 else first_paths[0]
-        )
-        num_channels = int(first_image.shape[0])
-    except Exception:  # reported with every other problem by the checks below
-        num_channels = None
-    channels, _ = _merged_names(channel_names, loaded, "channel_names")
-    if channels is not None and num_channels is not None and len(channels) != num_channels:
-        raise ValueError(
-            f"channel_names {channels} name {len(channels)} channel(s), but {first['datalist']}: "
-            f"{first['split']}[{first['index']}] has {num_channels}"
-        )
-
-    problems = []
-    for path, data, directory in loaded:
-        present = [s for s in splits if data.get(s)]
-        if present:
-            problems += [
-                f"{path}: {p}"
-                for p in find_problems(data, directory, num_classes, num_channels, splits=present, datalist_name=path)
-            ]
-    if problems:
-        raise DataCheckError(problems, ", ".join(paths))
+        raise DatalistError(f"nothing to export: no entries in splits {splits} of {', '.join(s[0] for s in sources)}")
+    label_names, label_source, num_classes = _class_names(labels, sources, cases)
+    channels, num_channels = _channel_names(channel_names, sources, cases[0])
+    _check_sources(sources, splits, num_classes, num_channels)
     if channels is None:
         channels = {0: "image"} if num_channels == 1 else {k: f"channel_{k}" for k in range(num_channels)}
 
-    label_names = dict(label_names)
-    label_names[0] = "background"  # nnU-Net requires this name for class 0
-    if description is None:
-        description = loaded[0][1].get("description") if len(loaded) == 1 else None
-        description = description or "exported by segdiff export-nnunet from " + ", ".join(paths)
-    dataset_json: dict[str, Any] = {
-        "name": name,
-        "description": description,
-        "channel_names": {str(k): v for k, v in channels.items()},
-        "labels": {label_names[k]: k for k in sorted(label_names)},
-        "numTraining": len(cases),
-        "file_ending": FILE_ENDING,
-    }
-    for key, nnunet_key in (("reference", "reference"), ("licence", "licence"), ("license", "licence")):
-        values = {d.get(key) for _, d, _ in loaded if d.get(key)}
-        if len(values) == 1:
-            dataset_json[nnunet_key] = values.pop()
-
+    dataset_json = _dataset_json(name, description, sources, channels, label_names, len(cases))
+    record = _export_record(sources, files, splits, case_prefix, label_source, notes, cases)
     os.makedirs(output_dir, exist_ok=True)
     staging = os.path.join(output_dir, f".{folder_name}.partial-{os.getpid()}")
-    if os.path.exists(staging):
-        shutil.rmtree(staging)
-    images_dir, labels_dir = os.path.join(staging, "imagesTr"), os.path.join(staging, "labelsTr")
-    os.makedirs(images_dir)
-    os.makedirs(labels_dir)
     try:
-        iterator: Any = cases
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(cases, desc=f"writing {folder_name}", unit="case")
-        for case in iterator:
-            _export_case(case, images_dir, labels_dir, num_classes)
-        with open(os.path.join(staging, "dataset.json"), "w", encoding="utf-8") as f:
-            json.dump(dataset_json, f, indent=2)
-            f.write("\n")
-        record = {
-            "sources": [{"datalist": os.path.abspath(p), "dataset_dir": os.path.abspath(d)} for p, _, d in loaded],
-            "splits": splits,
-            "case_prefix": list(case_prefix) if case_prefix else None,
-            "labels_from": label_source,
-            "notes": notes,
-            "cases": {
-                c["case"]: {k: c[k] for k in ("datalist", "split", "index", "image", "label")} for c in cases
-            },
-        }
-        with open(os.path.join(staging, EXPORT_RECORD), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        if os.path.exists(target):  # overwrite: replace what an export writes, keep anything else (imagesTs, ...)
-            for item in ("imagesTr", "labelsTr", "dataset.json", EXPORT_RECORD):
-                old = os.path.join(target, item)
-                if os.path.isdir(old):
-                    shutil.rmtree(old)
-                elif os.path.exists(old):
-                    os.remove(old)
-            for item in os.listdir(staging):
-                os.replace(os.path.join(staging, item), os.path.join(target, item))
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
+        _write_staging(staging, cases, num_classes, dataset_json, record, progress, folder_name)
+        _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
