@@ -130,6 +130,15 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
         help="splits to check (default: training validation)",
     )
     parser.add_argument("--no-label", action="store_true", help="entries need no label (image-only datalists)")
+    parser.add_argument(
+        "--output-keys",
+        nargs="*",
+        default=["image", "label"],
+        metavar="KEY",
+        help="entry keys inference names its outputs after (label: mask -> image, image: image -> mask); two entries "
+        "of one split whose files there share a name (siteA/p1.nii.gz, siteB/p1.nii.gz) are reported "
+        "(default: image label; the option without keys skips this check)",
+    )
 
 
 def _check_run(args: argparse.Namespace) -> int:
@@ -147,6 +156,7 @@ def _check_run(args: argparse.Namespace) -> int:
         splits=args.splits,
         require_label=not args.no_label,
         datalist_name=args.datalist,
+        output_keys=args.output_keys,
     )
     if problems:
         print(DataCheckError(problems, args.datalist), file=sys.stderr)

@@ -301,3 +301,76 @@ def test_a_loaded_datalist_without_its_folder_is_refused_naming_it(dataset):
     _, datalist = dataset
     with pytest.raises(DatalistError, match="spleen: dataset_dir is required"):
         find_problems(datalist, None, 3, datalist_name="spleen")
+
+
+# ------------------------------------------------------------------------------------------- output names
+def two_sites(tmp_path):
+    """siteA/patient1 and siteB/patient1 (same file name, different folders) plus a uniquely named case."""
+    for site in ("siteA", "siteB"):
+        write_nifti(tmp_path / site / "images" / "patient1.nii.gz", image())
+        write_nifti(tmp_path / site / "labels" / "patient1.nii.gz", label())
+    write_nifti(tmp_path / "siteB" / "images" / "patient2.nii.gz", image())
+    write_nifti(tmp_path / "siteB" / "labels" / "patient2.nii.gz", label())
+    return [
+        {"image": f"{site}/images/{case}.nii.gz", "label": f"{site}/labels/{case}.nii.gz"}
+        for site, case in (("siteA", "patient1"), ("siteB", "patient2"), ("siteB", "patient1"))
+    ]
+
+
+def test_output_name_collisions_groups_files_that_share_a_name_across_folders(tmp_path):
+    from segdiff.data.checks import OutputCollision, output_name_collisions
+
+    entries = two_sites(tmp_path)
+    assert output_name_collisions(entries, "label") == [
+        OutputCollision("patient1", (0, 2), ("siteA/labels/patient1.nii.gz", "siteB/labels/patient1.nii.gz"))
+    ]
+    assert output_name_collisions(entries[:2], "label") == []
+
+
+def test_output_names_of_per_channel_images_come_from_the_first_file():
+    from segdiff.data.checks import output_name_collisions
+
+    entries = [{"image": ["a/p_0000.nii.gz", "a/p_0001.nii.gz"]}, {"image": ["b/p_0000.nii.gz", "b/p_0001.nii.gz"]},
+               {"image": "c/p_0001.nii.gz"}, {"label": "no image here"}]
+    (collision,) = output_name_collisions(entries, "image")
+    assert collision.output_name == "p_0000" and collision.files == ("a/p_0000.nii.gz", "b/p_0000.nii.gz")
+
+
+def test_check_output_names_refuses_naming_both_files_the_output_and_what_to_do(tmp_path):
+    from segdiff.data.checks import check_output_names
+    from segdiff.errors import OutputCollisionError, SegdiffError
+
+    with pytest.raises(OutputCollisionError) as info:
+        check_output_names(two_sites(tmp_path), "label", "test.json")
+    message = str(info.value)
+    assert isinstance(info.value, SegdiffError)
+    assert message.startswith("test.json: 1 output name(s) would be shared by several inputs under 'label'")
+    assert "output 'patient1': entry 0 siteA/labels/patient1.nii.gz, entry 2 siteB/labels/patient1.nii.gz" in message
+    assert "Rename the files" in message and "its own output_dir" in message
+
+
+def test_check_output_names_passes_unique_names_through(tmp_path):
+    from segdiff.data.checks import check_output_names
+
+    entries = two_sites(tmp_path)[:2]
+    assert check_output_names(iter(entries), "image") == entries
+
+
+def test_the_same_file_listed_twice_is_a_collision_that_says_so():
+    from segdiff.data.checks import check_output_names
+    from segdiff.errors import OutputCollisionError
+
+    with pytest.raises(OutputCollisionError, match="the same file listed more than once"):
+        check_output_names([{"image": "a/x.nii.gz"}, {"image": "a/x.nii.gz"}], "image")
+
+
+def test_find_problems_reports_shared_output_names_within_a_split_only_when_asked(tmp_path):
+    entries = two_sites(tmp_path)
+    datalist = {"training": entries, "validation": [entries[0]]}
+    assert find_problems(datalist, tmp_path, 3) == []  # training writes no per-case outputs
+    problems = find_problems(datalist, tmp_path, 3, output_keys=["label", "image"])
+    assert len(problems) == 2, problems  # one per key; validation's patient1 does not collide with training's
+    assert problems[0].startswith("training 'label': output 'patient1': entry 0 siteA/labels/patient1.nii.gz, "
+                                  "entry 2 siteB/labels/patient1.nii.gz")
+    assert "naming its outputs after 'label' (mask -> image)" in problems[0]
+    assert problems[1].startswith("training 'image': output 'patient1'") and "(image -> mask)" in problems[1]

@@ -174,3 +174,23 @@ def test_module_runs_as_a_script(monkeypatch, capsys):
         runpy.run_module("segdiff.cli", run_name="__main__")
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("segdiff ")
+
+
+def test_check_reports_inputs_that_would_share_an_output_name_and_exits_1(tmp_path, capsys):
+    entries = []
+    for site in ("siteA", "siteB"):
+        for folder, data in (("images", np.ones((6, 5, 3), np.float32)), ("labels", np.zeros((6, 5, 3), np.uint8))):
+            (tmp_path / site / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / site / folder / "patient1.nii.gz"))
+        entries.append({"image": f"{site}/images/patient1.nii.gz", "label": f"{site}/labels/patient1.nii.gz"})
+    (tmp_path / "d.json").write_text(json.dumps({"test": entries}))
+    argv = ["check", str(tmp_path / "d.json"), "--num-classes", "2", "--splits", "test"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "2 problem(s) found" in err
+    assert ("test 'label': output 'patient1': entry 0 siteA/labels/patient1.nii.gz, entry 1 "
+            "siteB/labels/patient1.nii.gz") in err
+    assert "test 'image': output 'patient1': entry 0 siteA/images/patient1.nii.gz" in err
+    assert main(argv + ["--output-keys"]) == 0  # no keys: the check is skipped
+    assert main(argv + ["--output-keys", "label"]) == 1
+    assert "test 'image'" not in capsys.readouterr().err

@@ -6,7 +6,13 @@ is imported (``"imports": ["$import segdiff"]``), e.g.
 """
 
 from segdiff.data import checks, datalist, demo, inputs, naming, nnunet
-from segdiff.data.checks import DataCheckError, check_datalist, find_problems
+from segdiff.data.checks import (
+    DataCheckError,
+    check_datalist,
+    check_output_names,
+    find_problems,
+    output_name_collisions,
+)
 from segdiff.data.datalist import (
     DatalistError,
     as_datalist,
@@ -32,8 +38,10 @@ __all__ = [
     "build_datalist",
     "export_nnunet",
     "check_datalist",
+    "check_output_names",
     "find_problems",
     "load_datalist",
+    "output_name_collisions",
     "resolve_datalist",
     "save_datalist",
     "split_cases",

@@ -15,20 +15,33 @@ or, from a bundle config::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from segdiff.errors import SegdiffError
 from segdiff.data.datalist import as_datalist
+from segdiff.data.naming import output_case_name
+from segdiff.errors import OutputCollisionError, SegdiffError
 
-__all__ = ["DataCheckError", "find_problems", "check_datalist", "AFFINE_TOLERANCE", "MAX_REPORTED_VALUES"]
+__all__ = [
+    "AFFINE_TOLERANCE",
+    "MAX_REPORTED_VALUES",
+    "OUTPUT_KEYS",
+    "DataCheckError",
+    "OutputCollision",
+    "check_datalist",
+    "check_output_names",
+    "find_problems",
+    "output_name_collisions",
+]
 
 #: largest allowed absolute difference between the image's and the label's 4x4 affine entries
 AFFINE_TOLERANCE = 1e-3
 #: how many offending label values a message lists
 MAX_REPORTED_VALUES = 5
+#: the entry keys the bundles' inference names its outputs after, and which bundle does
+OUTPUT_KEYS = {"label": "mask -> image", "image": "image -> mask"}
 
 
 class DataCheckError(SegdiffError, ValueError):
@@ -66,6 +79,82 @@ def _paths(value: Any) -> list[str] | None:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
         return list(value)
     return None
+
+
+class OutputCollision(NamedTuple):
+    """Inputs whose outputs would get one name: the shared ``output_name`` and, per input, its entry index and the
+    file the name comes from (the first file of a per-channel list)."""
+
+    output_name: str
+    indices: tuple[int, ...]
+    files: tuple[str, ...]
+
+    def describe(self) -> str:
+        """``output 'p1': entry 0 siteA/p1.nii.gz, entry 3 siteB/p1.nii.gz``, on one line."""
+        inputs = ", ".join(f"entry {i} {f}" for i, f in zip(self.indices, self.files))
+        duplicate = " (the same file listed more than once: remove the duplicates)" if len(set(self.files)) == 1 else ""
+        return f"output {self.output_name!r}: {inputs}{duplicate}"
+
+
+def output_name_collisions(entries: Iterable[Any], key: str) -> list[OutputCollision]:
+    """The groups of entries whose ``key`` file gives one output case name (outputs are named after the input
+    file's name without folder and extension: :func:`segdiff.data.naming.output_case_name`), e.g.
+    ``siteA/patient1.nii.gz`` and ``siteB/patient1.nii.gz`` both give ``patient1``.
+
+    Args:
+        entries: datalist entries (one split, or inference inputs); entries without ``key`` or whose value is not a
+            path or a list of paths are skipped (the datalist checks report those).
+        key: the entry key the outputs are named after (``"label"`` for mask -> image, ``"image"`` for
+            image -> mask).
+
+    Returns:
+        one :class:`OutputCollision` per shared name, in the order the names first occur; empty when every name
+        is unique.
+    """
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping) or key not in entry:
+            continue
+        paths = _paths(entry[key])
+        if paths is None:
+            continue
+        groups.setdefault(output_case_name(paths), []).append((index, paths[0]))
+    return [
+        OutputCollision(name, tuple(i for i, _ in members), tuple(f for _, f in members))
+        for name, members in groups.items()
+        if len(members) > 1
+    ]
+
+
+def check_output_names(entries: Iterable[Any], key: str, name: str | None = None) -> list[Any]:
+    """Refuse inputs that would be written to one output file, before any sampling starts.
+
+    Args:
+        entries: the inputs of an inference run (datalist entries, e.g. from ``segdiff.data.inputs.inference_entries``).
+        key: the entry key the outputs are named after (``"label"`` for mask -> image, ``"image"`` for
+            image -> mask).
+        name: where the inputs came from (datalist path or input folder), for the message; default ``"inputs"``.
+
+    Returns:
+        the entries, as a list (so a config can check and use them in one expression).
+
+    Raises:
+        OutputCollisionError: naming every colliding input file and the output name they share.
+    """
+    entries = list(entries)
+    collisions = output_name_collisions(entries, key)
+    if collisions:
+        lines = [
+            f"{name or 'inputs'}: {len(collisions)} output name(s) would be shared by several inputs under {key!r} "
+            "(outputs are named after the input file, without folder and extension), so later outputs would "
+            "overwrite earlier ones:"
+        ]
+        lines += [f"  - {c.describe()}" for c in collisions]
+        lines.append(
+            "Rename the files so that their names differ, or run each folder separately with its own output_dir."
+        )
+        raise OutputCollisionError("\n".join(lines))
+    return entries
 
 
 class _Checker:
@@ -189,6 +278,7 @@ def find_problems(
     require_label: bool = True,
     require_image: bool = True,
     datalist_name: str | None = None,
+    output_keys: Sequence[str] = (),
 ) -> list[str]:
     """Check every entry of the given splits and return every problem found (an empty list: all good).
 
@@ -196,7 +286,8 @@ def find_problems(
     what was found. Detected: a split missing or empty; an entry that is not an object or lacks a required
     key; a missing or unreadable file; NaN/Inf image intensities; a wrong image channel count; a label with
     more than one channel, non-integer values or values outside ``[0, num_classes)``; image/label spatial
-    shapes or affines (tolerance :data:`AFFINE_TOLERANCE`) that differ.
+    shapes or affines (tolerance :data:`AFFINE_TOLERANCE`) that differ; with ``output_keys``, entries of one split
+    whose files under one of those keys would give one output name (:func:`output_name_collisions`).
 
     Args:
         datalist: the datalist, or the path of its JSON file.
@@ -212,6 +303,9 @@ def find_problems(
         require_image: report entries without an image (default True); False for mask-only datalists, e.g.
             masks to generate images from.
         datalist_name: name in messages (default: the file path when ``datalist`` is a path, else ``"datalist"``).
+        output_keys: entry keys that inference names outputs after, checked for shared output names within each
+            split (default none: training writes no per-case outputs; ``segdiff check`` checks ``image`` and
+            ``label``, see :data:`OUTPUT_KEYS`).
     """
     datalist, dataset_dir, datalist_name = as_datalist(datalist, dataset_dir, datalist_name)
     if isinstance(splits, str):
@@ -264,6 +358,15 @@ def find_problems(
                 lbl, label_paths = loaded[label_key]
                 image_value = image_paths[0] if len(image_paths) == 1 else image_paths
                 checker.check_pair(f"{where} {label_key!r}", img, lbl, image_value, label_paths[0])
+        for key in [output_keys] if isinstance(output_keys, str) else output_keys:
+            bundle = f" ({OUTPUT_KEYS[key]})" if key in OUTPUT_KEYS else ""
+            for collision in output_name_collisions(entries, key):
+                checker.add(
+                    f"{split} {key!r}",
+                    f"{collision.describe()}: an inference run naming its outputs after {key!r}{bundle} would write "
+                    "these inputs to one output file; rename the files, or run them separately with different "
+                    "output_dir",
+                )
     return checker.problems
 
 
@@ -278,6 +381,7 @@ def check_datalist(
     require_label: bool = True,
     require_image: bool = True,
     datalist_name: str | None = None,
+    output_keys: Sequence[str] = (),
 ) -> int:
     """Check a datalist like :func:`find_problems` and raise if anything is wrong.
 
@@ -304,6 +408,7 @@ def check_datalist(
         require_label=require_label,
         require_image=require_image,
         datalist_name=datalist_name,
+        output_keys=output_keys,
     )
     if problems:
         raise DataCheckError(problems, datalist_name)

@@ -5,7 +5,8 @@
   :func:`synthetic_case_name` writes that name and :func:`source_of_synthetic_case` reads the case back.
 - An inference output is named after its input file: the file name without its image extension, the first file's
   when an image is one file per channel (as MONAI's ``SaveImage`` does): :func:`output_case_name`. Two inputs with
-  one file name in different folders therefore share an output name.
+  one file name in different folders therefore share an output name; ``segdiff.data.checks.check_output_names``
+  refuses such inputs and ``output_name_collisions`` lists them.
 """
 
 from __future__ import annotations
