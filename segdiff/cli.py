@@ -143,11 +143,11 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_run(args: argparse.Namespace) -> int:
     from segdiff.data.checks import DataCheckError, find_problems
-    from segdiff.data.datalist import as_datalist
+    from segdiff.data.datalist import InputNotFoundError, as_datalist
 
     datalist, dataset_dir, _ = as_datalist(args.datalist, args.dataset_dir)
     if not os.path.isdir(dataset_dir):
-        raise FileNotFoundError(f"data set folder not found: {dataset_dir}")
+        raise InputNotFoundError(f"data set folder not found: {dataset_dir}")
     problems = find_problems(
         datalist,
         dataset_dir,

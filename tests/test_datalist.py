@@ -357,3 +357,12 @@ def test_as_datalist_refuses_what_is_neither_a_path_nor_a_mapping(tmp_path):
 def test_as_datalist_of_a_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         as_datalist(tmp_path / "nope.json")
+
+
+def test_a_missing_datalist_is_a_segdiff_refusal_and_a_file_not_found_error(tmp_path):
+    from segdiff.data.datalist import InputNotFoundError
+    from segdiff.errors import SegdiffError
+
+    with pytest.raises(InputNotFoundError, match="datalist not found: .*gone.json") as info:
+        load_datalist(tmp_path / "gone.json")
+    assert isinstance(info.value, SegdiffError) and isinstance(info.value, FileNotFoundError)

@@ -218,3 +218,18 @@ def test_cli_writes_the_dataset_and_reports_check_problems_with_exit_1(real, tmp
     assert main(args[:-4] + ["--id", "4", "--name", "Broken"]) == 1
     err = capsys.readouterr().err
     assert "file not found: images/case0.nii.gz" in err and "problem(s) found" in err
+
+
+def test_export_refusals_are_segdiff_errors_of_the_usual_builtin_kinds(real, tmp_path):
+    from segdiff.data.nnunet import ExportError, ExportFolderError
+    from segdiff.errors import OutputCollisionError, SegdiffError
+
+    collision = raises_with("both become nnU-Net case 'case0'", export, [real, real], tmp_path)
+    assert isinstance(collision, OutputCollisionError)
+    export(real, tmp_path)
+    existing = raises_with("already exists", export, real, tmp_path)
+    assert isinstance(existing, ExportFolderError) and isinstance(existing, FileExistsError)
+    bad_prefix = raises_with("give one each", export, [real], tmp_path, name="Other", dataset_id=43,
+                             case_prefix=["a_", "b_"])
+    assert isinstance(bad_prefix, ExportError) and isinstance(bad_prefix, ValueError)
+    assert all(isinstance(e, SegdiffError) for e in (collision, existing, bad_prefix))

@@ -15,6 +15,7 @@ from segdiff.data.checks import (
 )
 from segdiff.data.datalist import (
     DatalistError,
+    InputNotFoundError,
     as_datalist,
     build_datalist,
     load_datalist,
@@ -34,6 +35,7 @@ __all__ = [
     "nnunet",
     "DataCheckError",
     "DatalistError",
+    "InputNotFoundError",
     "as_datalist",
     "build_datalist",
     "export_nnunet",

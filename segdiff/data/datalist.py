@@ -38,6 +38,7 @@ from segdiff.errors import SegdiffError
 
 __all__ = [
     "DatalistError",
+    "InputNotFoundError",
     "SPLITS",
     "LAYOUTS",
     "IMAGE_EXTENSIONS",
@@ -65,6 +66,10 @@ _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 class DatalistError(SegdiffError, ValueError):
     """A data set folder or datalist does not follow the expected layout (the message says where)."""
+
+
+class InputNotFoundError(SegdiffError, FileNotFoundError):
+    """A file or folder the run reads (datalist, data set folder, input folder, weights) does not exist."""
 
 
 def case_name(filename: str) -> str | None:
@@ -348,12 +353,12 @@ def load_datalist(path: str | os.PathLike) -> dict[str, Any]:
         path: the JSON file.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        InputNotFoundError: the file does not exist (a ``FileNotFoundError``).
         DatalistError: the file is not valid JSON or not a JSON object.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"datalist not found: {path}")
+        raise InputNotFoundError(f"datalist not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             datalist = json.load(f)

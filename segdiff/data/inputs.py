@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from segdiff.data.checks import check_datalist
-from segdiff.data.datalist import IMAGE_EXTENSIONS, resolve_datalist
+from segdiff.data.datalist import IMAGE_EXTENSIONS, DatalistError, InputNotFoundError, resolve_datalist
 
 __all__ = ["check_inference_entries", "inference_entries", "require_file"]
 
@@ -31,19 +31,19 @@ def inference_entries(
     """
     if folder:
         if with_image and key != "image":
-            raise ValueError("a folder of masks has no real images: use a datalist split to sample with strength < 1.")
+            raise DatalistError("a folder of masks has no real images: use a datalist split to sample with strength < 1.")
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"input folder {folder} does not exist.")
+            raise InputNotFoundError(f"input folder {folder} does not exist.")
         files = sorted(str(p) for p in Path(folder).iterdir() if p.name.endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise ValueError(f"input folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise DatalistError(f"input folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
         return [{key: f} for f in files]
     entries = resolve_datalist(datalist, dataset_dir, split)
     keys = [key] + (["image"] if with_image and key != "image" else [])
     for index, entry in enumerate(entries):
         for k in keys:
             if k not in entry:
-                raise KeyError(f"{datalist}: entry {index} of split '{split}' has no '{k}'.")
+                raise DatalistError(f"{datalist}: entry {index} of split '{split}' has no '{k}'.")
     return [{k: entry[k] for k in keys} for entry in entries]
 
 
@@ -67,5 +67,5 @@ def check_inference_entries(
 def require_file(path: str, what: str = "trained weights", hint: str = "train the bundle first or set model_path") -> str:
     """Stop early with a clear message if a file the run needs is missing."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no {what} there; {hint}.")
+        raise InputNotFoundError(f"{path}: no {what} there; {hint}.")
     return path

@@ -42,11 +42,14 @@ from typing import Any
 import numpy as np
 
 from segdiff.data.checks import DataCheckError, find_problems
-from segdiff.data.datalist import DatalistError, as_datalist, case_name
+from segdiff.data.datalist import DatalistError, InputNotFoundError, as_datalist, case_name
+from segdiff.errors import OutputCollisionError, SegdiffError
 
 __all__ = [
     "EXPORT_RECORD",
     "FILE_ENDING",
+    "ExportError",
+    "ExportFolderError",
     "dataset_folder_name",
     "export_nnunet",
     "parse_names",
@@ -57,6 +60,16 @@ __all__ = [
 FILE_ENDING = ".nii.gz"
 #: the file in the data set folder that maps each nnU-Net case back to its datalist entry
 EXPORT_RECORD = "segdiff_export.json"
+
+
+
+class ExportError(SegdiffError, ValueError):
+    """The export's settings or names cannot give a valid nnU-Net data set (the message says which and why)."""
+
+
+class ExportFolderError(SegdiffError, FileExistsError):
+    """The nnU-Net data set folder exists (and overwrite is off), or another folder there uses the dataset id."""
+
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_\d{4}$")
@@ -70,9 +83,9 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
         name: letters, digits, ``_``, ``-`` and ``.``; no spaces (nnU-Net's commands take it as an argument).
     """
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= int(dataset_id) <= 999:
-        raise ValueError(f"nnU-Net dataset id must be an integer in [1, 999], found {dataset_id!r}")
+        raise ExportError(f"nnU-Net dataset id must be an integer in [1, 999], found {dataset_id!r}")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
+        raise ExportError(
             f"nnU-Net dataset name must start with a letter or digit and hold only letters, digits, '_', '-' "
             f"and '.', found {name!r}"
         )
@@ -102,7 +115,7 @@ def parse_names(value: Any, what: str, source: str = "") -> dict[int, str] | Non
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: expected a JSON object or list or a JSON file, found {value!r} ({e})") from e
+            raise ExportError(f"{where}: expected a JSON object or list or a JSON file, found {value!r} ({e})") from e
         if isinstance(value, Mapping) and what in value and isinstance(value[what], (Mapping, list)):
             value = value[what]  # a whole dataset.json or datalist
     names: dict[int, str] = {}
@@ -113,25 +126,25 @@ def parse_names(value: Any, what: str, source: str = "") -> dict[int, str] | Non
             if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
                 index, label = int(item), str(key)  # nnU-Net v2: name -> index
             elif isinstance(item, (list, tuple)):
-                raise ValueError(f"{where}: region labels ({key!r}: {list(item)}) cannot be exported, only classes")
+                raise ExportError(f"{where}: region labels ({key!r}: {list(item)}) cannot be exported, only classes")
             else:
                 try:
                     index, label = int(key), str(item)
                 except (TypeError, ValueError) as e:
-                    raise ValueError(
+                    raise ExportError(
                         f"{where}: expected {{\"0\": \"name\", ...}} or {{\"name\": 0, ...}}, found {key!r}: {item!r}"
                     ) from e
             if index in names:
-                raise ValueError(f"{where}: index {index} is named twice ({names[index]!r} and {label!r})")
+                raise ExportError(f"{where}: index {index} is named twice ({names[index]!r} and {label!r})")
             names[index] = label
     else:
-        raise ValueError(f"{where}: expected an object or a list, found {type(value).__name__}")
+        raise ExportError(f"{where}: expected an object or a list, found {type(value).__name__}")
     if not names:
-        raise ValueError(f"{where}: no names given")
+        raise ExportError(f"{where}: no names given")
     if sorted(names) != list(range(len(names))):
-        raise ValueError(f"{where}: expected indices 0..{len(names) - 1} each once, found {sorted(names)}")
+        raise ExportError(f"{where}: expected indices 0..{len(names) - 1} each once, found {sorted(names)}")
     if len(set(names.values())) != len(names):
-        raise ValueError(f"{where}: names must be unique, found {[names[i] for i in sorted(names)]}")
+        raise ExportError(f"{where}: names must be unique, found {[names[i] for i in sorted(names)]}")
     return {i: names[i] for i in sorted(names)}
 
 
@@ -163,15 +176,17 @@ def plan_cases(
         case_prefix: one prefix per datalist (default none).
 
     Raises:
-        ValueError: an entry without image or label, or two entries with one identifier.
+        DatalistError: an entry without image or label.
+        OutputCollisionError: two entries with one identifier.
+        ExportError: case_prefix of the wrong length or with characters nnU-Net does not accept.
     """
     prefixes = list(case_prefix) if case_prefix else [""] * len(datalists)
     if len(prefixes) != len(datalists):
-        raise ValueError(f"case_prefix has {len(prefixes)} value(s) for {len(datalists)} datalist(s): give one each")
+        raise ExportError(f"case_prefix has {len(prefixes)} value(s) for {len(datalists)} datalist(s): give one each")
     cases, notes, seen = [], [], {}
     for (name, datalist, dataset_dir), prefix in zip(datalists, prefixes):
         if prefix and not _NAME.match(prefix):
-            raise ValueError(f"case prefix {prefix!r} may hold only letters, digits, '_', '-' and '.'")
+            raise ExportError(f"case prefix {prefix!r} may hold only letters, digits, '_', '-' and '.'")
         for split in splits:
             entries = datalist.get(split)
             if not entries:
@@ -180,10 +195,10 @@ def plan_cases(
             for index, entry in enumerate(entries):
                 where = f"{name}: {split}[{index}]"
                 if not isinstance(entry, Mapping) or "image" not in entry or "label" not in entry:
-                    raise ValueError(f"{where}: expected an entry with 'image' and 'label', found {entry!r}")
+                    raise DatalistError(f"{where}: expected an entry with 'image' and 'label', found {entry!r}")
                 case = prefix + _case_id(entry)
                 if case in seen:
-                    raise ValueError(
+                    raise OutputCollisionError(
                         f"{where} and {seen[case]} both become nnU-Net case {case!r}: give each datalist its own "
                         "case_prefix (--case-prefix, e.g. real_ syn_) or rename the files"
                     )
@@ -300,7 +315,7 @@ def _merged_names(
         if found is None:
             found, source = names, name
         elif names != found:
-            raise ValueError(f"{key} of {name} {names} differ from those of {source} {found}: pass {key} explicitly")
+            raise ExportError(f"{key} of {name} {names} differ from those of {source} {found}: pass {key} explicitly")
     return found, source
 
 
@@ -311,20 +326,20 @@ def _gather_sources(
     """``(name, datalist, dataset_dir)`` per datalist given, and each one's absolute JSON path (None: a mapping)."""
     items = [datalist] if isinstance(datalist, (str, os.PathLike, Mapping)) else list(datalist)
     if not items:
-        raise ValueError("no datalist given")
+        raise ExportError("no datalist given")
     if dataset_dir is None:
         dirs: list[Any] = [None] * len(items)
     else:
         dirs = [dataset_dir] if isinstance(dataset_dir, (str, os.PathLike)) else list(dataset_dir)
         if len(dirs) != len(items):
-            raise ValueError(f"{len(dirs)} dataset folder(s) for {len(items)} datalist(s): give one each, or none")
+            raise ExportError(f"{len(dirs)} dataset folder(s) for {len(items)} datalist(s): give one each, or none")
     sources, files = [], []
     for index, (item, directory) in enumerate(zip(items, dirs)):
         is_file = isinstance(item, (str, os.PathLike))
         unnamed = None if is_file or len(items) == 1 else f"datalist[{index}]"
         data, directory, source_name = as_datalist(item, directory, unnamed)
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"data set folder not found: {directory}")
+            raise InputNotFoundError(f"data set folder not found: {directory}")
         sources.append((source_name, data, directory))
         files.append(os.path.abspath(os.fspath(item)) if is_file else None)
     return sources, files
@@ -334,12 +349,12 @@ def _check_target(output_dir: str, folder_name: str, dataset_id: int, overwrite:
     """The data set folder to write; refuse an existing one (unless ``overwrite``) and another folder with the id."""
     target = os.path.join(output_dir, folder_name)
     if os.path.exists(target) and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise ExportFolderError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     if os.path.isdir(output_dir):
         prefix = f"Dataset{int(dataset_id):03d}_"
         others = sorted(d for d in os.listdir(output_dir) if d.startswith(prefix) and d != folder_name)
         if others:
-            raise FileExistsError(
+            raise ExportFolderError(
                 f"{output_dir} already has {others[0]} with dataset id {int(dataset_id)}: nnU-Net needs one folder per "
                 "id; choose another id (--id) or remove it"
             )
@@ -379,7 +394,7 @@ def _channel_names(
     num_channels = _count_channels(first)
     channels, _ = _merged_names(given, sources, "channel_names")
     if channels is not None and num_channels is not None and len(channels) != num_channels:
-        raise ValueError(
+        raise ExportError(
             f"channel_names {channels} name {len(channels)} channel(s), but {first['datalist']}: "
             f"{first['split']}[{first['index']}] has {num_channels}"
         )
@@ -535,8 +550,11 @@ def export_nnunet(
 
     Raises:
         DataCheckError: the checks found problems (all are listed).
-        FileExistsError: the data set folder exists and ``overwrite`` is False, or another folder uses the id.
-        ValueError: bad arguments, colliding case identifiers, inconsistent names.
+        ExportFolderError: the data set folder exists and ``overwrite`` is False, or another folder uses the id (a
+            ``FileExistsError``).
+        InputNotFoundError: a datalist or data set folder does not exist.
+        OutputCollisionError: two entries would become one nnU-Net case.
+        ExportError: bad arguments, inconsistent names (a ``ValueError``).
     """
     sources, files = _gather_sources(datalist, dataset_dir)
     splits = [splits] if isinstance(splits, str) else list(splits)
