@@ -26,19 +26,20 @@ def build(presets: list[str], overrides: dict):
     parser = ConfigParser()
     parser.read_config([str(REPO / "bundles" / "image_to_mask" / "configs" / "train.yaml")] + [str(REPO / p) for p in presets])
     parser.update(overrides)
-    keys = ("spatial_dims", "image_size", "num_classes", "image_channels", "prediction_type", "slice_axis")
+    keys = ("spatial_dims", "image_size", "num_classes", "image_channels", "prediction_type", "slice_axis", "noise_schedule",
+            "model_record", "scale_intensity")
     return parser.get_parsed_content("network_def"), {k: parser.get_parsed_content(k) for k in keys}
 
 
 def test_slices(datalist: str, count: int, settings: dict):
     """``count`` slices with foreground, evenly spread over the first test case, scaled as in training."""
-    from monai.transforms import LoadImage, ScaleIntensityRangePercentiles
+    from monai.transforms import LoadImage
 
     from segdiff.data.datalist import resolve_datalist
 
     entry = resolve_datalist(datalist, None, "test")[0]
     load = LoadImage(image_only=True, ensure_channel_first=True)
-    image = ScaleIntensityRangePercentiles(0.5, 99.5, -1.0, 1.0, clip=True, channel_wise=True)(load(entry["image"]).float())
+    image = settings["scale_intensity"]({"image": load(entry["image"]).float()})["image"]  # as the bundle trains
     label = load(entry["label"])
     axis = settings["slice_axis"] + 1
     with_foreground = [i for i in range(label.shape[axis]) if label.select(axis, i).any()]
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from segdiff.transforms import FuseEnsemble
 
     network, settings = build(args.preset, {})
-    if args.weights:
+    if args.weights:  # refused if they were trained with other settings than the bundle config and presets give
+        settings["model_record"].verify(network, args.weights)
         network.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     network = network.to(args.device).eval()
     k, c = settings["num_classes"], settings["image_channels"]
@@ -84,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def sampler(name: str, steps: int, members: int) -> ConditionalDiffusionSampler:
         return ConditionalDiffusionSampler(
-            build_scheduler(name, prediction_type=settings["prediction_type"]), steps, target_channels=k,
+            build_scheduler(name, prediction_type=settings["prediction_type"], **settings["noise_schedule"]), steps, target_channels=k,
             spatial_dims=settings["spatial_dims"], image_size=settings["image_size"], num_samples=members,
             slice_axis=settings["slice_axis"], batch_size=max(members * args.slices, 1), seed=0, progress=False,
+            condition_kind="image",
         )
 
     clock = time.process_time if args.clock == "process" else time.perf_counter

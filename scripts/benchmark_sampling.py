@@ -28,8 +28,9 @@ def build_network(bundle: str, presets: list[str], overrides: dict) -> tuple[tor
     parser = ConfigParser()
     parser.read_config([str(REPO / "bundles" / bundle / "configs" / "train.yaml")] + [str(REPO / p) for p in presets])
     parser.update(overrides)
-    settings = {k: parser.get_parsed_content(k) for k in ("spatial_dims", "image_size", "num_classes", "image_channels")}
-    settings["condition_channels"] = parser.get_parsed_content("condition_channels")
+    keys = ("spatial_dims", "image_size", "num_classes", "image_channels", "condition_channels", "prediction_type", "noise_schedule")
+    settings = {k: parser.get_parsed_content(k) for k in keys}
+    settings["model_record"] = parser.get_parsed_content("model_record")
     return parser.get_parsed_content("network_def"), settings
 
 
@@ -48,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     from segdiff.engine import ConditionalDiffusionSampler, build_scheduler
 
     network, settings = build_network(args.bundle, args.preset, {})
-    if args.weights:
+
+    def schedule(name: str):
+        return build_scheduler(name, prediction_type=settings["prediction_type"], **settings["noise_schedule"])
+
+    if args.weights:  # refused if they were trained with other settings than the bundle config and presets give
+        settings["model_record"].verify(network, args.weights)
         network.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     device = torch.device(args.device)
     network = network.to(device).eval()
@@ -65,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     for entry in args.samplers:
         name, steps = entry.split(":")
         sampler = ConditionalDiffusionSampler(
-            build_scheduler(name), num_inference_steps=int(steps), target_channels=settings["image_channels"],
+            schedule(name), num_inference_steps=int(steps), target_channels=settings["image_channels"],
             spatial_dims=settings["spatial_dims"], image_size=size, batch_size=args.batch_size,
             conditional=settings["condition_channels"] > 0, amp=args.amp, seed=0, progress=False,
         )
-        warm = ConditionalDiffusionSampler(build_scheduler("ddim"), num_inference_steps=1, target_channels=settings["image_channels"],
+        warm = ConditionalDiffusionSampler(schedule("ddim"), num_inference_steps=1, target_channels=settings["image_channels"],
                                            spatial_dims=settings["spatial_dims"], image_size=size, batch_size=args.batch_size,
                                            conditional=settings["condition_channels"] > 0, amp=args.amp, progress=False)
         warm(condition, network)  # one step: allocations, kernel selection

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import nibabel as nib
@@ -22,11 +23,15 @@ from segdiff.engine import (
     CopyWeights,
     GradientClipping,
     SampleGridHandler,
+    ModelRecord,
     SamplingPrepareBatch,
     TrainingCheckpoint,
     atomic_torch_save,
     build_scheduler,
+    check_run_folder,
 )
+from segdiff.engine.provenance import state_dict_sha256
+from segdiff.errors import ModelMismatchError, RunFolderError
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 from segdiff.transforms import EncodeMask, SaveSamplesd
 from segdiff.visualize import LABEL_COLOURS, UNSPECIFIED_COLOUR, make_panel, render, save_png
@@ -60,9 +65,17 @@ class SpyNetwork(torch.nn.Module):
         return torch.zeros(x.shape[0], self.target_channels, *x.shape[2:])
 
 
+#: the bundles' noise schedule (their noise_schedule key), epsilon prediction
+LINEAR = dict(num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon")
+
+
+def scheduler_for(name: str, **changes):
+    return build_scheduler(name, **{**LINEAR, **changes})
+
+
 def sampler(**kwargs) -> ConditionalDiffusionSampler:
     """A quiet DDIM sampler with few steps; keyword arguments override."""
-    kwargs.setdefault("scheduler", build_scheduler("ddim"))
+    kwargs.setdefault("scheduler", scheduler_for("ddim"))
     kwargs.setdefault("num_inference_steps", 5)
     kwargs.setdefault("progress", False)
     return ConditionalDiffusionSampler(**kwargs)
@@ -79,7 +92,7 @@ def slice_indexed_condition(shape, axis):
 # ---- build_scheduler ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, cls", [("ddpm", DDPMScheduler), ("ddim", DDIMScheduler)])
 def test_build_scheduler_returns_the_named_scheduler_with_the_training_schedule(name, cls):
-    scheduler = build_scheduler(name, num_train_timesteps=500, beta_start=2e-4, beta_end=3e-2, clip_sample=False)
+    scheduler = scheduler_for(name, num_train_timesteps=500, beta_start=2e-4, beta_end=3e-2, clip_sample=False)
     assert type(scheduler) is cls
     assert scheduler.num_train_timesteps == 500
     assert len(scheduler.betas) == 500
@@ -88,9 +101,17 @@ def test_build_scheduler_returns_the_named_scheduler_with_the_training_schedule(
     assert scheduler.clip_sample is False
 
 
-def test_build_scheduler_rejects_an_unknown_name():
-    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim'\), got 'euler'"):
-        build_scheduler("euler")
+def test_build_scheduler_rejects_an_unknown_name_naming_the_key():
+    with pytest.raises(ValueError, match=r"'sampler' must be one of 'ddpm', 'ddim'; got 'euler'"):
+        scheduler_for("euler")
+    with pytest.raises(ValueError, match=r"'prediction_type' must be one of 'epsilon', 'v_prediction', 'sample'; got 'x0'"):
+        scheduler_for("ddim", prediction_type="x0")
+
+
+def test_build_scheduler_has_no_default_noise_schedule():
+    # the schedule comes from the bundle config's one noise_schedule key, never from Python defaults
+    with pytest.raises(TypeError):
+        build_scheduler("ddim", prediction_type="epsilon")
 
 
 # ---- ConditionalDiffusionSampler: shapes and grids -------------------------------------------------------------
@@ -168,7 +189,7 @@ def test_samples_of_a_loaded_mask_are_saved_on_its_grid(tmp_path, loaded_label, 
 # ---- ConditionalDiffusionSampler: randomness ---------------------------------------------------------------------
 def test_seeded_sampling_gives_identical_samples_on_every_call(tiny_unet):
     network = tiny_unet(in_channels=1 + 3, out_channels=1)
-    s = sampler(scheduler=build_scheduler("ddpm"), num_samples=2, seed=7)
+    s = sampler(scheduler=scheduler_for("ddpm"), num_samples=2, seed=7)
     condition = torch.rand(1, 3, 16, 16)
     assert torch.equal(s(condition, network), s(condition, network))
 
@@ -233,7 +254,7 @@ def test_ddim_with_zero_noise_prediction_returns_the_initial_image_plus_the_star
     # with eps = 0, DDIM (eta 0) keeps x0 = x_t / sqrt(abar_t) fixed, so the output is
     # initial + sqrt((1 - abar_s) / abar_s) * noise at the start timestep s (clipped to [-1, 1], which these small
     # strengths hardly reach)
-    scheduler = build_scheduler("ddim")
+    scheduler = scheduler_for("ddim")
     s = start_timestep(scheduler, 50, strength)
     abar = scheduler.alphas_cumprod[s].item()
     noise_std = np.sqrt((1 - abar) / abar)
@@ -266,7 +287,7 @@ def test_lower_strength_keeps_more_of_the_initial_image():
 
 def test_partial_noise_runs_only_the_timesteps_below_the_start():
     network = SpyNetwork()
-    scheduler = build_scheduler("ddim")
+    scheduler = scheduler_for("ddim")
     initial = torch.zeros(1, 1, 16, 16)
     s = sampler(scheduler=scheduler, num_inference_steps=50, strength=0.05)
     s(torch.zeros(1, 2, 16, 16), network, initial=initial)
@@ -281,7 +302,7 @@ def test_partial_noise_without_an_initial_image_raises():
 
 
 # ---- ConditionalDiffusionSampler: what the network sees ----------------------------------------------------------
-def test_network_sees_the_noisy_target_then_the_resized_condition_at_every_step():
+def test_network_sees_the_noisy_target_then_the_nearest_resized_mask_condition_at_every_step():
     network = SpyNetwork(target_channels=2)
     condition = torch.randint(0, 2, (2, 3, 12, 10)).float()
     sampler(target_channels=2, image_size=(16, 16), num_samples=2)(condition, network)
@@ -293,10 +314,30 @@ def test_network_sees_the_noisy_target_then_the_resized_condition_at_every_step(
         assert torch.equal(x[:, 2:], expected)
 
 
+def test_an_image_condition_is_resized_as_training_resizes_images():
+    # image_to_mask: the condition is the image; training resizes it with MONAI's Resized (bilinear, anti-aliased),
+    # so the sampler must hand the network exactly that, not a nearest-neighbour copy
+    from monai.transforms import Resized
+
+    network = SpyNetwork(target_channels=3)
+    image = torch.rand(1, 1, 40, 36, generator=torch.Generator().manual_seed(3))
+    sampler(target_channels=3, image_size=(16, 16), condition_kind="image")(image, network)
+    expected = Resized(keys="image", spatial_size=(16, 16), mode="bilinear", anti_aliasing=True)({"image": image[0]})["image"]
+    seen = network.inputs[0][0, 3:]
+    assert torch.allclose(seen, torch.as_tensor(expected), atol=1e-6)
+    nearest = F.interpolate(image, size=(16, 16), mode="nearest")[0]
+    assert (seen - nearest).abs().max() > 0.05  # a thin-structure-destroying nearest resize would differ
+
+
+def test_unknown_condition_kind_is_refused():
+    with pytest.raises(ValueError, match=r"condition_kind must be one of \('mask', 'image'\), got 'label'"):
+        sampler(condition_kind="label")
+
+
 def test_network_is_called_at_the_schedulers_timesteps_in_eval_mode():
     network = SpyNetwork()
     network.train()
-    scheduler = build_scheduler("ddim")
+    scheduler = scheduler_for("ddim")
     sampler(scheduler=scheduler, num_inference_steps=5)(torch.zeros(1, 2, 16, 16), network)
     assert [int(t[0]) for t in network.timesteps] == scheduler.timesteps.tolist()
     assert not any(network.training_modes)
@@ -369,6 +410,30 @@ def test_linear_resize_keeps_constant_images_constant(shape, size):
     out = resize(torch.full(shape, 0.3), size)
     assert out.shape == (*shape[:2], *size)
     assert torch.allclose(out, torch.full_like(out, 0.3))
+
+
+@pytest.mark.parametrize("shape, size", [((3, 2, 40, 50), (20, 25)), ((1, 1, 12, 10, 8), (6, 5, 4))])
+def test_image_resize_equals_monai_resized_as_used_in_training(shape, size):
+    from monai.transforms import Resized
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    resized = Resized(keys="x", spatial_size=size, mode=mode, anti_aliasing=True)
+    expected = torch.stack([torch.as_tensor(resized({"x": case})["x"]) for case in x])
+    out = resize(x, size, "image")
+    assert type(out) is torch.Tensor and out.shape == (*shape[:2], *size)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_probabilities_resize_is_plain_linear_interpolation():
+    x = torch.rand(2, 3, 8, 8)
+    expected = F.interpolate(x, size=(16, 12), mode="bilinear", align_corners=False)
+    assert torch.equal(resize(x, (16, 12), "probabilities"), expected)
+
+
+def test_unknown_resize_role_is_refused():
+    with pytest.raises(ValueError, match="resize role must be one of"):
+        resize(torch.rand(1, 1, 4, 4), (8, 8), "bicubic")
 
 
 def test_resize_to_no_size_or_the_same_size_returns_the_input():
@@ -546,8 +611,24 @@ def test_checkpoint_is_written_every_save_interval_epochs(tmp_path):
 def test_existing_checkpoint_without_resume_stops_before_training(tmp_path):
     engine, _, data = train_with_checkpoint(tmp_path, max_epochs=1)
     engine.run(data, max_epochs=1)
-    with pytest.raises(FileExistsError, match=rf"{tmp_path / 'checkpoint.pt'} exists from an earlier training run"):
+    with pytest.raises(RunFolderError, match=rf"{tmp_path / 'checkpoint.pt'} exist\(s\) from an earlier run"):
         TrainingCheckpoint(tmp_path, {}, torch.nn.Linear(3, 1), resume=False)
+
+
+def test_a_lone_model_pt_is_protected_like_a_checkpoint(tmp_path):
+    # released weights, or a run whose checkpoint was moved away: a new run must not replace them silently
+    atomic_torch_save(torch.nn.Linear(3, 1).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(RunFolderError, match=r"model\.pt exist\(s\) from an earlier run or release.*'overwrite' to true"):
+        check_run_folder(tmp_path)
+    check_run_folder(tmp_path, overwrite=True)  # said explicitly: allowed
+    check_run_folder(tmp_path / "elsewhere")  # an empty folder: nothing to lose
+
+
+def test_resume_without_a_checkpoint_is_an_error_naming_the_path(tmp_path):
+    with pytest.raises(RunFolderError, match=rf"resume is true but there is no checkpoint at {tmp_path / 'checkpoint.pt'}"):
+        check_run_folder(tmp_path, resume=True)
+    with pytest.raises(RunFolderError, match="no checkpoint"):
+        train_with_checkpoint(tmp_path, max_epochs=1, resume=True)
 
 
 def test_resume_restores_epoch_and_weights_and_trains_to_max_epochs(tmp_path):
@@ -579,13 +660,6 @@ def test_resume_beyond_max_epochs_raises(tmp_path):
     engine, _, data = train_with_checkpoint(tmp_path, max_epochs=2, resume=True)
     with pytest.raises(ValueError, match="at epoch 3, beyond max_epochs=2"):
         engine.run(data, max_epochs=2)
-
-
-def test_resume_without_a_checkpoint_trains_from_scratch(tmp_path):
-    engine, _, data = train_with_checkpoint(tmp_path, max_epochs=1, resume=True)
-    engine.run(data, max_epochs=1)
-    assert (engine.state.epoch, engine.state.iteration) == (1, 3)
-    assert (tmp_path / "checkpoint.pt").exists()
 
 
 class FakeSummaryWriter:
@@ -697,23 +771,81 @@ def test_overwrite_starts_a_new_run_over_an_earlier_checkpoint(tmp_path):
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
 
 
-def test_final_model_is_written_when_nothing_else_wrote_model_pt(tmp_path):
-    model, ema = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
-    engine, _, data = linear_training(model)
-    TrainingCheckpoint(tmp_path, {"network": model}, export_model=None, final_model=ema).attach(engine)
-    engine.run(data, max_epochs=1)
-    exported = torch.load(tmp_path / "model.pt")
-    assert all(torch.equal(exported[k], v) for k, v in ema.state_dict().items())
+class ScriptedValidator:
+    """A validator whose key metric follows a script: one value per validation run."""
+
+    def __init__(self, scores):
+        self.engine = Engine(lambda e, b: None)
+        self.scores = list(scores)
+        self.engine.state.best_metric, self.engine.state.best_metric_epoch = -1, -1
+        self.engine.state.key_metric_name = "val_mean_dice"
+
+        @self.engine.on(Events.EPOCH_COMPLETED)
+        def compare(engine):  # as MONAI's Workflow does
+            current = self.scores.pop(0)
+            if engine.state.best_metric_epoch == -1 or current > engine.state.best_metric:
+                engine.state.best_metric, engine.state.best_metric_epoch = current, engine.state.epoch
+
+    def attach_to(self, trainer):
+        @trainer.on(Events.EPOCH_COMPLETED)
+        def validate(trainer):  # as MONAI's ValidationHandler does: the validator runs at the trainer's epoch
+            self.engine.state.max_epochs = trainer.state.epoch
+            self.engine.state.epoch = trainer.state.epoch - 1
+            self.engine.run([0], max_epochs=trainer.state.epoch)
 
 
-def test_final_model_keeps_a_model_pt_written_during_the_run(tmp_path):
-    model, ema = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+def test_with_best_of_model_pt_holds_the_best_validated_weights(tmp_path):
+    model = torch.nn.Linear(3, 1)
     engine, _, data = linear_training(model)
-    TrainingCheckpoint(tmp_path, {"network": model}, export_model=None, final_model=ema).attach(engine)
-    best = {"weight": torch.full((1, 3), 7.0), "bias": torch.zeros(1)}
-    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: atomic_torch_save(best, tmp_path / "model.pt"))
+    validator = ScriptedValidator([0.5, 0.9, 0.7])
+    validator.attach_to(engine)
+    TrainingCheckpoint(tmp_path, {"network": model}, export_model=model, best_of=validator.engine).attach(engine)
+    weights_at = {}
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: weights_at.update({e.state.epoch: model.weight.clone()}))
+    engine.run(data, max_epochs=3)
+    assert torch.equal(torch.load(tmp_path / "model.pt")["weight"], weights_at[2])  # epoch 2 scored best
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["best_metric"] == (0.9, 2)
+
+
+def test_with_best_of_and_no_validation_the_final_weights_are_written(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    engine, _, data = linear_training(model)
+    validator = ScriptedValidator([])  # never run (fewer epochs than the validation interval)
+    TrainingCheckpoint(tmp_path, {"network": model}, export_model=model, best_of=validator.engine).attach(engine)
     engine.run(data, max_epochs=1)
-    assert torch.equal(torch.load(tmp_path / "model.pt")["weight"], best["weight"])
+    assert torch.equal(torch.load(tmp_path / "model.pt")["weight"], model.weight)
+
+
+def test_training_writes_the_model_record_beside_the_weights_and_into_the_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    engine, _, data = linear_training(model)
+    record = ModelRecord({"num_classes": 3, "prediction_type": "v_prediction"}, label_names={"1": "liver"}, bundle="demo")
+    TrainingCheckpoint(tmp_path, {"network": model}, export_model=model, record=record).attach(engine)
+    engine.run(data, max_epochs=1)
+    stored = json.loads((tmp_path / "model.json").read_text())
+    assert stored["settings"] == {"bundle": "demo", "num_classes": 3, "prediction_type": "v_prediction"}
+    assert stored["label_names"] == {"1": "liver"}
+    assert stored["network"]["class"] == "torch.nn.modules.linear.Linear"
+    assert stored["network"]["arguments"] == {"in_features": 3, "out_features": 1}
+    assert stored["weights"] == "model.pt"
+    assert stored["weights_sha256"] == state_dict_sha256(torch.load(tmp_path / "model.pt"))
+    assert stored["training"]["epoch"] == 1 and stored["training"]["iteration"] == 3
+    assert {"segdiff", "monai", "torch", "python"} <= set(stored["versions"])
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["record"]["settings"] == stored["settings"]
+
+
+def test_resume_with_other_settings_is_refused_naming_the_key(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    engine, _, data = linear_training(model)
+    TrainingCheckpoint(tmp_path, {"network": model}, export_model=model, record=ModelRecord({"prediction_type": "epsilon"})).attach(engine)
+    engine.run(data, max_epochs=1)
+    engine, _, data = linear_training(model)
+    changed = ModelRecord({"prediction_type": "v_prediction"})
+    TrainingCheckpoint(tmp_path, {"network": model}, export_model=model, record=changed, resume=True).attach(engine)
+    with pytest.raises(ModelMismatchError, match=r'prediction_type: trained "epsilon", configured "v_prediction"'):
+        engine.run(data, max_epochs=2)
 
 
 def test_copy_weights_starts_the_target_from_the_sources_weights_when_training_starts():

@@ -58,11 +58,25 @@ def test_onehot_has_num_classes_channels_even_when_classes_are_absent():
     assert torch.equal(encoded.sum(0), torch.ones(4, 4))
 
 
-def test_onehot_with_value_range_minus_one_to_one_maps_on_to_1_and_off_to_minus_1():
+def test_onehot_as_diffusion_target_maps_on_to_1_and_off_to_minus_1():
     label = label_map()
-    encoded = EncodeMask(3, value_range=(-1, 1))(label)
+    encoded = EncodeMask(3, role="target")(label)
     expected = torch.stack([(label[0] == c).float() * 2 - 1 for c in range(3)])
     assert torch.equal(torch.as_tensor(encoded), expected)
+
+
+def test_mask_probabilities_invert_the_target_encoding_and_clamp_overshoots():
+    from segdiff.transforms import encode_probabilities, mask_probabilities
+
+    label = label_map()
+    encoded = torch.as_tensor(EncodeMask(3, role="target")(label))
+    assert torch.equal(mask_probabilities(encoded, "target"), (encoded + 1) / 2)
+    probabilities = torch.rand(3, 4, 5)
+    assert torch.allclose(mask_probabilities(encode_probabilities(probabilities, "target"), "target"), probabilities)
+    assert torch.equal(mask_probabilities(torch.tensor([-1.5, 0.0, 1.7]), "target"), torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.equal(mask_probabilities(torch.tensor([0.25]), "condition"), torch.tensor([0.25]))
+    with pytest.raises(ValueError, match=r"mask role must be one of \('condition', 'target'\), got 'image'"):
+        EncodeMask(3, role="image")
 
 
 def test_legacy_encoding_is_one_channel_holding_class_index_over_255():
@@ -72,9 +86,9 @@ def test_legacy_encoding_is_one_channel_holding_class_index_over_255():
     assert torch.allclose(torch.as_tensor(encoded), label / 255.0)
 
 
-def test_legacy_encoding_is_mapped_into_value_range():
+def test_legacy_encoding_as_target_is_mapped_into_minus_one_to_one():
     label = label_map(num_classes=4)
-    encoded = EncodeMask(4, encoding="legacy", value_range=(-1, 1))(label)
+    encoded = EncodeMask(4, encoding="legacy", role="target")(label)
     assert torch.allclose(torch.as_tensor(encoded), label / 255.0 * 2 - 1)
 
 

@@ -8,6 +8,8 @@ from .handlers import (
     TrainingCheckpoint,
     WallTimeLimit,
     atomic_torch_save,
+    check_run_folder,
 )
+from .provenance import ModelRecord, describe_network, describe_transform, label_names_of, read_record, record_path
 from .prepare import ConditionalDiffusionPrepareBatch, SamplingPrepareBatch
-from .sampler import SAMPLERS, ConditionalDiffusionSampler, build_scheduler
+from .sampler import CONDITION_KINDS, SAMPLERS, ConditionalDiffusionSampler, build_scheduler

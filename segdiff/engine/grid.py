@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import Resize
 
-__all__ = ["from_network_units", "resize", "to_network_units"]
+__all__ = ["RESIZE_ROLES", "from_network_units", "resize", "to_network_units"]
 
 
 def to_network_units(case: torch.Tensor, spatial_dims: int, slice_axis: int = 2) -> torch.Tensor:
@@ -36,12 +38,31 @@ def from_network_units(units: torch.Tensor, case_ndim: int, spatial_dims: int, s
     return units[0]
 
 
-def resize(x: torch.Tensor, size: Sequence[int] | None, mode: str = "linear") -> torch.Tensor:
-    """Resize a batch ``(N, C, *spatial)`` to ``size``; ``mode`` is ``"nearest"`` (label maps, one-hot masks) or
-    ``"linear"`` (bi/trilinear; antialiased in 2D, as MONAI's ``Resized(anti_aliasing=True)`` does for training)."""
+#: how each kind of tensor is resized: images as in training (MONAI ``Resized``: linear, Gaussian anti-aliasing when
+#: shrinking), label maps and encoded masks nearest (classes stay classes), probabilities/logits/samples linear
+RESIZE_ROLES = ("image", "mask", "probabilities")
+_ROLE_ALIASES = {"linear": "image", "nearest": "mask"}
+
+
+def resize(x: torch.Tensor, size: Sequence[int] | None, role: str = "image") -> torch.Tensor:
+    """Resize a batch ``(N, C, *spatial)`` to ``size`` the way its role asks (see :data:`RESIZE_ROLES`).
+
+    ``"image"`` uses MONAI's ``Resize(mode="bilinear"/"trilinear", anti_aliasing=True)``, exactly what the bundles'
+    training pipelines apply (``Resized``), so a model sees an image condition at inference as it saw it in training;
+    ``"mask"`` is nearest-neighbour; ``"probabilities"`` is plain linear interpolation (outputs back to a case's grid).
+    """
+    role = _ROLE_ALIASES.get(role, role)
+    if role not in RESIZE_ROLES:
+        raise ValueError(f"resize role must be one of {RESIZE_ROLES}, got {role!r}.")
     if size is None or tuple(x.shape[2:]) == tuple(size):
         return x
-    if mode == "nearest":
+    if role == "mask":
         return F.interpolate(x, size=tuple(size), mode="nearest")
     linear = "bilinear" if x.ndim == 4 else "trilinear"
-    return F.interpolate(x, size=tuple(size), mode=linear, align_corners=False, antialias=x.ndim == 4)
+    if role == "probabilities":
+        return F.interpolate(x, size=tuple(size), mode=linear, align_corners=False)
+    n, c = x.shape[:2]
+    resizer = Resize(spatial_size=tuple(size), mode=linear, anti_aliasing=True)
+    out = resizer(x.reshape(n * c, *x.shape[2:]))  # MONAI transforms are per case: channels of all cases at once
+    out = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+    return out.reshape(n, c, *size).to(x.dtype)

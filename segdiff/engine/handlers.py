@@ -22,6 +22,7 @@ __all__ = [
     "TrainingCheckpoint",
     "WallTimeLimit",
     "atomic_torch_save",
+    "check_run_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,89 +118,143 @@ class CopyWeights:
         self.target.load_state_dict(self.source.state_dict())
 
 
+def check_run_folder(
+    save_dir: str | os.PathLike,
+    resume: bool = False,
+    overwrite: bool = False,
+    model_filename: str = "model.pt",
+    checkpoint_filename: str = "checkpoint.pt",
+) -> None:
+    """Refuse a training run that would silently replace an earlier run's files, before anything is cached or written.
+
+    The run's files are ``<save_dir>/<model_filename>``, its record (``.json``) and ``<save_dir>/<checkpoint_filename>``.
+    Without ``resume`` or ``overwrite``, any of them existing stops the run (released weights alone count too). With
+    ``resume``, the checkpoint must exist. With ``overwrite``, the earlier files are replaced (logged).
+    """
+    from segdiff.engine.provenance import record_path
+    from segdiff.errors import RunFolderError
+
+    save_dir = Path(save_dir)
+    model_path, checkpoint_path = save_dir / model_filename, save_dir / checkpoint_filename
+    if resume:
+        if not checkpoint_path.is_file():
+            raise RunFolderError(
+                f"resume is true but there is no checkpoint at {checkpoint_path}: check bundle_root "
+                f"({save_dir.parent}) or start a new run without resume."
+            )
+        return
+    earlier = [p for p in (model_path, record_path(model_path), checkpoint_path) if p.exists()]
+    if earlier and not overwrite:
+        raise RunFolderError(
+            f"{', '.join(map(str, earlier))} exist(s) from an earlier run or release; a new training run would replace "
+            "them. Set 'resume' to true to continue that run (needs its checkpoint), 'overwrite' to true to replace "
+            "them, or choose another bundle_root (e.g. --bundle_root runs/new)."
+        )
+    if earlier:
+        logger.warning(f"overwrite is true: this run replaces {', '.join(map(str, earlier))}")
+
+
 class TrainingCheckpoint:
-    """Save everything needed to resume training, atomically, and resume from it after a crash.
+    """The one writer of a training run's files: resumable checkpoint, the weights inference loads, their record.
 
     Every ``save_interval`` epochs and at the end, writes ``<save_dir>/checkpoint.pt`` (every object of ``save_dict``:
-    network, EMA network, optimizer, lr scheduler, trainer state) and ``<save_dir>/model.pt`` (only the state dict of
-    ``export_model``, the weights inference loads). Both writes go through a temporary file and a rename. In
-    data-parallel training every rank resumes, rank 0 alone writes.
+    network, EMA network, optimizer, lr scheduler, trainer state, the best validation metric so far, and the model
+    record) atomically. ``<save_dir>/model.pt`` (the state dict of ``export_model``, e.g. the EMA network) and its record
+    ``model.json`` are written with every checkpoint, or, with ``best_of`` set, whenever that validator's key metric
+    improves (the best model; and at the end of a run in which no validation ran, so that a finished run always leaves
+    weights). In data-parallel training every rank resumes, rank 0 alone writes.
 
     Args:
         save_dir: the bundle's ``models`` folder.
         save_dict: name -> object with ``state_dict``/``load_state_dict``; the trainer it is attached to is added as
             ``"trainer"`` (epoch and iteration).
-        export_model: the network whose weights become ``model.pt`` (the EMA copy of ``network_def``); None when
-            another handler writes ``model.pt`` (e.g. a CheckpointSaver keeping the best validation model).
-        resume: continue from ``checkpoint.pt`` if it exists. If it exists and ``resume`` and ``overwrite`` are
-            False, training stops before it starts instead of overwriting the earlier run.
+        export_model: the network whose weights become ``model.pt``.
+        record: the :class:`segdiff.engine.ModelRecord` of the run's config (settings written as ``model.json`` and
+            into the checkpoint; checked against the checkpoint on resume). None writes no record.
+        best_of: a validator (``SupervisedEvaluator`` with a key metric): ``model.pt`` is the best-scoring model.
+        resume: continue from the checkpoint (it must exist).
+        overwrite: start a new run over an earlier run's files (MONAI Label trains the same folder again and again);
+            without it or ``resume``, earlier files stop the run (see :func:`check_run_folder`).
         save_interval: epochs between checkpoints.
-        model_filename: name of the exported weights.
-        final_model: with ``export_model`` None, the network written as ``model.pt`` when training completes if no
-            other handler wrote ``model.pt`` during the run (no validation ran: fewer epochs than the validation
-            interval, as in a short MONAI Label run), so that a finished run always leaves the weights it trained.
-        overwrite: start a new run over an earlier run's ``checkpoint.pt`` instead of stopping (MONAI Label trains
-            the same bundle folder again and again); ignored when ``resume`` is True.
+        model_filename, checkpoint_filename: the files' names.
     """
-
-    checkpoint_filename = "checkpoint.pt"
 
     def __init__(
         self,
         save_dir: str | os.PathLike,
         save_dict: Mapping[str, Any],
-        export_model: torch.nn.Module | None,
+        export_model: torch.nn.Module,
+        record: Any = None,
+        best_of: Engine | None = None,
         resume: bool = False,
+        overwrite: bool = False,
         save_interval: int = 1,
         model_filename: str = "model.pt",
-        final_model: torch.nn.Module | None = None,
-        overwrite: bool = False,
+        checkpoint_filename: str = "checkpoint.pt",
     ) -> None:
+        check_run_folder(save_dir, resume, overwrite, model_filename, checkpoint_filename)
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
         self.export_model = export_model
-        self.final_model = final_model
+        self.record = record
+        self.best_of = best_of
         self.resume = resume
         self.save_interval = max(int(save_interval), 1)
         self.model_path = self.save_dir / model_filename
-        self.checkpoint_path = self.save_dir / self.checkpoint_filename
-        if self.checkpoint_path.exists() and not resume and not overwrite:
-            raise FileExistsError(
-                f"{self.checkpoint_path} exists from an earlier training run. Set 'resume' to true to continue it, "
-                "'overwrite' to true to start a new run over it, or move that folder's checkpoint.pt and model.pt away."
-            )
+        self.checkpoint_path = self.save_dir / checkpoint_filename
+        self._model_written = False
+        self._last_saved_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
-        if self.resume and self.checkpoint_path.exists():
+        if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
-        if self.export_model is None and self.final_model is not None:
-            engine.add_event_handler(Events.STARTED, self._note_model_file)
-            engine.add_event_handler(Events.COMPLETED, self._export_final_model)
+        if self.best_of is not None:
+            self.best_of.add_event_handler(Events.COMPLETED, self._save_if_best, engine)
+            engine.add_event_handler(Events.COMPLETED, self._save_final_if_none)
 
-    def _model_file_state(self) -> tuple | None:
-        """Identity of the current ``model.pt`` (inode, size, mtime): any write, in place or by rename, changes it."""
-        try:
-            stat = self.model_path.stat()
-        except FileNotFoundError:
-            return None
-        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+    # -- helpers ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _rank0() -> bool:
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
-    def _note_model_file(self, engine: Engine) -> None:
-        self._model_at_start = self._model_file_state()
+    def _training_info(self, engine: Engine) -> dict[str, Any]:
+        info = {"epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        if self.best_of is not None and getattr(self.best_of.state, "best_metric", -1) != -1:
+            info.update(best_metric=self.best_of.state.best_metric, best_metric_epoch=self.best_of.state.best_metric_epoch)
+        return info
 
-    def _export_final_model(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-            return
-        if self.model_path.exists() and self._model_file_state() != getattr(self, "_model_at_start", None):
-            return  # written during this run (the best validation model): keep it
-        atomic_torch_save(self.final_model.state_dict(), self.model_path)
-        logger.info(f"epoch {engine.state.epoch}: nothing wrote {self.model_path} in this run; saved the final weights")
+    def _record(self, engine: Engine) -> dict | None:
+        return None if self.record is None else self.record.build(self.export_model, self._training_info(engine))
+
+    def _write_model(self, engine: Engine) -> None:
+        from segdiff.engine.provenance import save_weights
+
+        save_weights(self.export_model.state_dict(), self.model_path, self._record(engine))
+        self._model_written = True
+
+    # -- events -------------------------------------------------------------------------------------------------
+    def _save_if_best(self, validator: Engine, trainer: Engine) -> None:
+        if self._rank0() and validator.state.best_metric_epoch == trainer.state.epoch:
+            self._write_model(trainer)
+            logger.info(
+                f"epoch {trainer.state.epoch}: best {validator.state.key_metric_name} "
+                f"{validator.state.best_metric:.4f}, saved {self.model_path}"
+            )
+
+    def _save_final_if_none(self, engine: Engine) -> None:
+        if self._rank0() and not self._model_written and not (self.resume and self.model_path.exists()):
+            self._write_model(engine)
+            logger.info(f"epoch {engine.state.epoch}: no validation ran in this run; saved the final weights as {self.model_path}")
 
     def load(self, engine: Engine) -> None:
         checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        stored = checkpoint.pop("record", None)
+        if self.record is not None and stored is not None:
+            self.record.check(stored, self.checkpoint_path, self.export_model)
+        best = checkpoint.pop("best_metric", None)
         max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load=self.save_dict, checkpoint=checkpoint)
         if max_epochs is not None and engine.state.epoch > max_epochs:
@@ -208,18 +263,22 @@ class TrainingCheckpoint:
                 "raise max_epochs to train further."
             )
         engine.state.max_epochs = max_epochs
+        if best is not None and self.best_of is not None:  # a resumed run keeps the best model unless it beats it
+            self.best_of.state.best_metric, self.best_of.state.best_metric_epoch = best
         logger.info(f"resumed from {self.checkpoint_path} at epoch {engine.state.epoch}")
 
     def save(self, engine: Engine) -> None:
-        if engine.state.epoch == getattr(self, "_last_saved_epoch", None):
+        if engine.state.epoch == self._last_saved_epoch or not self._rank0():
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-            return  # data-parallel training: rank 0 writes
         state = {name: obj.state_dict() for name, obj in self.save_dict.items()}
+        if self.record is not None:
+            state["record"] = self._record(engine)
+        if self.best_of is not None and getattr(self.best_of.state, "best_metric", -1) != -1:
+            state["best_metric"] = (self.best_of.state.best_metric, self.best_of.state.best_metric_epoch)
         atomic_torch_save(state, self.checkpoint_path)
         saved = [self.checkpoint_path]
-        if self.export_model is not None:
-            atomic_torch_save(self.export_model.state_dict(), self.model_path)
+        if self.best_of is None:
+            self._write_model(engine)
             saved.append(self.model_path)
         self._last_saved_epoch = engine.state.epoch
         logger.info(f"epoch {engine.state.epoch}: saved " + " and ".join(map(str, saved)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,24 +20,33 @@ from tqdm.auto import tqdm
 
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 
-__all__ = ["SAMPLERS", "ConditionalDiffusionSampler", "build_scheduler"]
+__all__ = ["CONDITION_KINDS", "SAMPLERS", "ConditionalDiffusionSampler", "build_scheduler"]
 
 SAMPLERS = ("ddpm", "ddim")
+#: what the condition of a model is, which decides how it is resized to the model size (see ``grid.resize``)
+CONDITION_KINDS = ("mask", "image")
 
 
 def build_scheduler(
-    sampler: str = "ddpm",
-    num_train_timesteps: int = 1000,
-    schedule: str = "linear_beta",
-    beta_start: float = 1e-4,
-    beta_end: float = 2e-2,
+    sampler: str,
+    *,
+    num_train_timesteps: int,
+    schedule: str,
+    beta_start: float,
+    beta_end: float,
+    prediction_type: str,
     clip_sample: bool = True,
-    prediction_type: str = "epsilon",
 ) -> Scheduler:
-    """A MONAI scheduler by name (``"ddpm"`` or ``"ddim"``) with the training noise schedule's parameters and the
-    network's ``prediction_type`` (``"epsilon"``, ``"v_prediction"`` or ``"sample"``)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+    """A MONAI scheduler by name (``"ddpm"`` or ``"ddim"``) for the network's noise schedule and ``prediction_type``
+    (``"epsilon"``, ``"v_prediction"`` or ``"sample"``).
+
+    The schedule has no defaults on purpose: bundle configs pass their one ``noise_schedule`` mapping
+    (``**@noise_schedule``), the same that training's ``noise_scheduler`` is built from.
+    """
+    from segdiff.config import choice
+
+    choice("sampler", sampler, SAMPLERS)
+    choice("prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
     return cls(
         num_train_timesteps=num_train_timesteps,
@@ -82,6 +92,10 @@ class ConditionalDiffusionSampler:
             of the cases. None draws from torch's global generator.
         progress: show a progress bar.
         size_divisor: with ``image_size=None``, pad inputs to a multiple of this (2 ** (levels - 1) of the network).
+        condition_kind: ``"mask"`` (an encoded mask: resized nearest) or ``"image"`` (resized like training images:
+            linear with anti-aliasing). Samples go back to the case's grid by linear interpolation.
+        model_record: a :class:`segdiff.engine.ModelRecord` with the weights' path: checked against the weights once
+            before the first sample (MONAI Label loads the weights itself and skips the config's ``initialize``).
     """
 
     def __init__(
@@ -100,6 +114,8 @@ class ConditionalDiffusionSampler:
         seed: int | None = 0,
         progress: bool = True,
         size_divisor: int = 1,
+        condition_kind: str = "mask",
+        model_record: Any = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
@@ -123,6 +139,10 @@ class ConditionalDiffusionSampler:
         self.seed = seed
         self.progress = progress
         self.size_divisor = max(int(size_divisor), 1)
+        if condition_kind not in CONDITION_KINDS:
+            raise ValueError(f"condition_kind must be one of {CONDITION_KINDS}, got {condition_kind!r}.")
+        self.condition_kind = condition_kind
+        self.model_record = model_record
 
     # -- grids ---------------------------------------------------------------------------------------------------
     def _model_size(self, case_size: Sequence[int]) -> tuple[int, ...]:
@@ -130,9 +150,9 @@ class ConditionalDiffusionSampler:
             return self.image_size
         return tuple(math.ceil(s / self.size_divisor) * self.size_divisor for s in case_size)
 
-    def _to_model(self, x: torch.Tensor, model_size: Sequence[int], mode: str) -> torch.Tensor:
+    def _to_model(self, x: torch.Tensor, model_size: Sequence[int], role: str) -> torch.Tensor:
         if self.image_size is not None:
-            return resize(x, model_size, mode)
+            return resize(x, model_size, role)
         pad = []
         for have, want in zip(reversed(x.shape[2:]), reversed(model_size)):
             pad += [0, want - have]
@@ -140,7 +160,7 @@ class ConditionalDiffusionSampler:
 
     def _to_case(self, x: torch.Tensor, case_size: Sequence[int]) -> torch.Tensor:
         if self.image_size is not None:
-            return resize(x, case_size, "linear")
+            return resize(x, case_size, "probabilities")
         return x[(slice(None), slice(None), *[slice(0, s) for s in case_size])]
 
     # -- sampling ------------------------------------------------------------------------------------------------
@@ -199,6 +219,8 @@ class ConditionalDiffusionSampler:
             (B, num_samples * target_channels, *spatial) with the input's metadata (affine, file name), samples
             ordered sample-major: channels ``[k * target_channels, (k + 1) * target_channels)`` hold sample ``k``.
         """
+        if self.model_record is not None:
+            self.model_record.verify_once(network)
         device = next(network.parameters()).device
         was_training = network.training
         network.eval()
@@ -220,12 +242,12 @@ class ConditionalDiffusionSampler:
                 num_units = units.shape[0] * self.num_samples
                 condition = None
                 if self.conditional:
-                    condition = self._to_model(units.float(), model_size, "nearest").to(device)
+                    condition = self._to_model(units.float(), model_size, self.condition_kind).to(device)
                     condition = condition.repeat_interleave(self.num_samples, dim=0)
                 start = None
                 if initial is not None:
                     start = to_network_units(torch.as_tensor(initial[index]).float(), self.spatial_dims, self.slice_axis)
-                    start = self._to_model(start, model_size, "linear").repeat_interleave(self.num_samples, dim=0)
+                    start = self._to_model(start, model_size, "image").repeat_interleave(self.num_samples, dim=0)
                 if generator is not None:
                     generator.manual_seed(int(self.seed))  # each case from the seed: independent of the others
                 # all of a case's noise at once, so that chunking (a memory setting) cannot change the samples

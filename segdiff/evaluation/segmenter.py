@@ -2,12 +2,14 @@
 
 A reference segmenter trained on real images is the judge of mask -> image models (faithfulness: does the generated
 image show the anatomy of its mask?). It sees cases the way the diffusion model does: 2D models slice by slice,
-every slice resized to the model's ``image_size`` and the logits resized back to the case's grid.
+every slice resized to the model's ``image_size`` as training resized it (``segdiff.engine.grid.resize``, role
+``"image"``) and the logits resized back to the case's grid.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from monai.metrics import compute_dice, compute_iou
 from monai.networks.utils import one_hot
 
 from segdiff.engine.grid import from_network_units, resize, to_network_units
+from segdiff.transforms.mask import encode_probabilities
 
 __all__ = ["SegmenterInferer", "per_class_dice", "per_class_iou", "segment_case"]
 
@@ -30,8 +33,10 @@ class SegmenterInferer:
         image_size: the size the network was trained on (None: the case's own size).
         slice_axis: for a 2D network and 3D input, the spatial axis the volume is cut along.
         batch_size: network inputs per forward pass.
-        value_range: ``(low, high)`` the probabilities are mapped to; ``(-1, 1)`` gives the encoding of a diffusion
-            segmentation member, so the ensemble post-transforms (with ``num_members=1``) apply unchanged.
+        as_target_encoding: map the probabilities to the value range of a diffusion segmentation member
+            (``segdiff.transforms.encode_probabilities``), so the ensemble post-transforms (``num_members=1``) apply.
+        model_record: a :class:`segdiff.engine.ModelRecord` with the weights' path, checked once before the first
+            case (MONAI Label loads the weights itself and skips the config's ``initialize``).
     """
 
     def __init__(
@@ -40,13 +45,15 @@ class SegmenterInferer:
         image_size: Sequence[int] | None,
         slice_axis: int = 2,
         batch_size: int = 32,
-        value_range: Sequence[float] = (0.0, 1.0),
+        as_target_encoding: bool = False,
+        model_record: Any = None,
     ) -> None:
         self.spatial_dims = spatial_dims
         self.image_size = image_size
         self.slice_axis = slice_axis
         self.batch_size = batch_size
-        self.low, self.high = float(value_range[0]), float(value_range[1])
+        self.as_target_encoding = as_target_encoding
+        self.model_record = model_record
 
     @torch.no_grad()
     def probabilities(self, network: torch.nn.Module, case: torch.Tensor) -> torch.Tensor:
@@ -58,14 +65,17 @@ class SegmenterInferer:
         case_size = units.shape[2:]
         logits = []
         for lo in range(0, units.shape[0], self.batch_size):
-            chunk = resize(units[lo : lo + self.batch_size], self.image_size, "linear").to(device)
-            logits.append(resize(network(chunk).float(), case_size, "linear").cpu())
+            chunk = resize(units[lo : lo + self.batch_size], self.image_size, "image").to(device)
+            logits.append(resize(network(chunk).float(), case_size, "probabilities").cpu())
         network.train(was_training)
         return from_network_units(torch.cat(logits), case.ndim, self.spatial_dims, self.slice_axis).softmax(dim=0)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        if self.model_record is not None:
+            self.model_record.verify_once(network)
         out = torch.stack([self.probabilities(network, case) for case in inputs]).to(inputs.device)
-        out = out * (self.high - self.low) + self.low
+        if self.as_target_encoding:
+            out = encode_probabilities(out, "target")
         if isinstance(inputs, MetaTensor):
             out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
             out.is_batch = inputs.is_batch

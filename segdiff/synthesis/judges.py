@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from segdiff.data.inputs import require_file
+from segdiff.errors import ModelMismatchError
 from segdiff.evaluation.segmenter import SegmenterInferer
 from segdiff.synthesis.records import file_digest
 from segdiff.transforms.ensemble import FuseEnsemble
@@ -34,7 +35,7 @@ def load_weights(network: torch.nn.Module, path: str, device: torch.device | str
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
-        raise RuntimeError(f"{path}: the weights do not fit the network defined in the config: {error}") from error
+        raise ModelMismatchError(f"{path}: the weights do not fit the network defined in the config: {error}") from error
     return network
 
 
@@ -124,7 +125,9 @@ class DiffusionEnsembleJudge:
             "judge weights",
             "train the image_to_mask bundle first, or set judge_overrides' bundle_root or model_path",
         )
-        self.network = load_weights(parser.get_parsed_content("network"), self.weights, device).eval()
+        network = parser.get_parsed_content("network")
+        parser.get_parsed_content("model_record").verify(network)  # trained as this config says, before any work
+        self.network = load_weights(network, self.weights, device).eval()
         self.sampler = parser.get_parsed_content("inferer")
         self.sampler.progress = False
         # the members the sampler draws (its num_samples), fused as the bundle's own inference does

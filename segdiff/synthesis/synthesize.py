@@ -27,6 +27,7 @@ from monai.data import MetaTensor
 from monai.transforms import Randomizable, SaveImage
 from tqdm.auto import tqdm
 
+from segdiff.data.checks import check_output_names
 from segdiff.data.inputs import require_file
 from segdiff.synthesis.filter import (
     FilterCriteria,
@@ -179,11 +180,8 @@ class Synthesizer:
         Stops if two masks share a case name, if the folder was written with other settings, or if a pair file
         exists for a mask that is not finished (it would be overwritten).
         """
+        check_output_names(entries, "label", "the masks")  # their outputs are named after them
         names = [case_name(e["label"]) for e in entries]
-        duplicates = [n for n, count in Counter(names).items() if count > 1]
-        if duplicates:
-            clash = [str(e["label"]) for e in entries if case_name(e["label"]) == duplicates[0]]
-            raise ValueError(f"masks must have distinct file names (their outputs are named after them): {clash}.")
         self.records.open()
         todo = [n for n in names if not self.records.is_finished(n)]
         for name in todo:

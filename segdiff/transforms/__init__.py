@@ -2,13 +2,16 @@
 
 from .mask import (
     MASK_ENCODINGS,
+    MASK_VALUE_RANGES,
     EncodeMask,
     EncodeMaskd,
     MaskAblation,
     MaskAblationd,
     RandMaskAblation,
     RandMaskAblationd,
+    encode_probabilities,
     encoded_mask_channels,
+    mask_probabilities,
 )
 from .slicing import RandSliced
 from .io import SaveSamplesd, check_outputs_free, existing_outputs, sample_output_paths

@@ -30,6 +30,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_tensor, ensure_tuple
 
+from segdiff.transforms.mask import mask_probabilities
+
 __all__ = [
     "FUSIONS",
     "UNCERTAINTIES",
@@ -109,7 +111,7 @@ def member_probabilities(stacked: Any, num_members: int) -> torch.Tensor:
             f"(expected num_members * C channels, member k in channels [k*C, (k+1)*C))."
         )
     per_member = channels // num_members
-    p = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).reshape(num_members, per_member, *x.shape[1:])
+    p = mask_probabilities(x, "target").reshape(num_members, per_member, *x.shape[1:])
     if per_member == 1:
         p = torch.nan_to_num(p, nan=0.5)
         return torch.cat([1.0 - p, p], dim=1)

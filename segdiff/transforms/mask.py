@@ -19,18 +19,46 @@ from monai.utils import convert_to_tensor
 
 __all__ = [
     "MASK_ENCODINGS",
+    "MASK_VALUE_RANGES",
     "EncodeMask",
     "EncodeMaskd",
     "MaskAblation",
     "MaskAblationd",
     "RandMaskAblation",
     "RandMaskAblationd",
+    "encode_probabilities",
     "encoded_mask_channels",
+    "mask_probabilities",
 ]
 
 #: ``onehot``: one channel per class, values in {0, 1} (our default).
 #: ``legacy``: one channel holding ``class_index / 255`` (Konz et al.'s released models).
 MASK_ENCODINGS = ("onehot", "legacy")
+
+#: the values an encoded mask takes in each role: as a CONDITION (concatenated to the noisy image) in [0, 1]; as the
+#: diffusion TARGET (image_to_mask: the mask is noised and denoised) in [-1, 1], the range images are scaled to and
+#: the noise schedule expects. :func:`mask_probabilities` / :func:`encode_probabilities` are each other's inverse.
+MASK_VALUE_RANGES = {"condition": (0.0, 1.0), "target": (-1.0, 1.0)}
+
+
+def _value_range(role: str) -> tuple[float, float]:
+    if role not in MASK_VALUE_RANGES:
+        raise ValueError(f"mask role must be one of {tuple(MASK_VALUE_RANGES)}, got {role!r}.")
+    return MASK_VALUE_RANGES[role]
+
+
+def mask_probabilities(encoded: torch.Tensor, role: str = "target") -> torch.Tensor:
+    """Per-class probabilities in [0, 1] from one-hot-encoded values in the ``role``'s range (a sampled target,
+    clamped: samples overshoot), e.g. ``(x + 1) / 2`` for a target."""
+    low, high = _value_range(role)
+    return ((torch.as_tensor(encoded).float() - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def encode_probabilities(probabilities: torch.Tensor, role: str = "target") -> torch.Tensor:
+    """Inverse of :func:`mask_probabilities`: probabilities in [0, 1] -> the ``role``'s value range (a plain
+    segmenter's softmax written as a one-member "ensemble", so the ensemble post-transforms read it unchanged)."""
+    low, high = _value_range(role)
+    return torch.as_tensor(probabilities) * (high - low) + low
 
 
 def encoded_mask_channels(num_classes: int, encoding: str = "onehot") -> int:
@@ -49,19 +77,20 @@ class EncodeMask(Transform):
         num_classes: number of classes including background; labels must lie in ``[0, num_classes)``.
             0 (an unconditional model) encodes to a tensor with no channels.
         encoding: ``"onehot"`` (``num_classes`` channels) or ``"legacy"`` (one channel, ``class_index / 255``).
-        value_range: ``(low, high)`` the encoded values are mapped to. ``(0, 1)`` for a condition; ``(-1, 1)`` when
-            the mask is the diffusion target, so that it lives in the same range as the noise schedule expects.
+        role: ``"condition"`` (values in [0, 1]) or ``"target"`` (values in [-1, 1], when the mask is what the
+            diffusion generates); see :data:`MASK_VALUE_RANGES`.
     """
 
     backend = [torch.Tensor]
 
-    def __init__(self, num_classes: int, encoding: str = "onehot", value_range: Sequence[float] = (0.0, 1.0)) -> None:
+    def __init__(self, num_classes: int, encoding: str = "onehot", role: str = "condition") -> None:
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}.")
         encoded_mask_channels(num_classes, encoding)  # validates the name
         self.num_classes = num_classes
         self.encoding = encoding
-        self.low, self.high = float(value_range[0]), float(value_range[1])
+        self.role = role
+        self.low, self.high = _value_range(role)
 
     def __call__(self, label: Any) -> torch.Tensor:
         label_t = convert_to_tensor(label, track_meta=True)
@@ -95,11 +124,11 @@ class EncodeMaskd(MapTransform):
         keys: KeysCollection,
         num_classes: int,
         encoding: str = "onehot",
-        value_range: Sequence[float] = (0.0, 1.0),
+        role: str = "condition",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.encoder = EncodeMask(num_classes, encoding, value_range)
+        self.encoder = EncodeMask(num_classes, encoding, role)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
