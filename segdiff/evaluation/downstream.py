@@ -5,12 +5,19 @@ The three arms differ only in their training data: the same network (evaluate.ya
 the same initial weights, sees the same number of iterations with the same seed, batch size, optimizer, loss and
 augmentation (evaluate.yaml's ``segmenter_train#preprocessing``: 2D slices of volumes, resized, noised). Run it as an
 overlay on evaluate.yaml (configs/downstream.yaml); the report is ``downstream.{json,md,png}``.
+
+The stages, each one job and each called from the config: :func:`arm_data` chooses every arm's training entries
+(from :func:`real_subset` and :func:`synthetic_entries`), :func:`run_arms` trains each arm (:func:`train_arm`, a
+MONAI ``SupervisedTrainer`` through :func:`train_segmenter`) and scores it on the real test split (:func:`score_arm`:
+MONAI's ``SupervisedEvaluator`` with ``MeanDice`` / ``MeanIoUHandler`` and a ``MetricsSaver``),
+:func:`synthetic_image_quality` adds FID / MMD / MS-SSIM, and :func:`write_downstream_report` writes the report and
+the plot through :func:`segdiff.evaluation.report.write_report`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import math
 import os
 import random
@@ -21,7 +28,9 @@ import numpy as np
 import torch
 
 from segdiff.data.datalist import DatalistError, case_name, resolve_datalist
-from segdiff.evaluation.segmenter import per_class_dice, per_class_iou, segment_case
+from segdiff.errors import ConfigKeyError
+from segdiff.evaluation.report import class_means, foreground_names, markdown_table, metric_rows, rounded, write_report
+from segdiff.evaluation.segmenter import per_class_iou
 
 __all__ = [
     "ARMS",
@@ -30,13 +39,18 @@ __all__ = [
     "downstream_markdown",
     "per_class_iou",
     "real_subset",
-    "run_downstream",
+    "run_arms",
     "save_bar_plot",
-    "score_segmenter",
+    "score_arm",
     "source_case",
     "synthetic_entries",
+    "synthetic_image_quality",
+    "train_arm",
     "train_segmenter",
+    "write_downstream_report",
 ]
+
+logger = logging.getLogger("segdiff.evaluation")
 
 
 #: the training-data arms, in report order
@@ -113,7 +127,7 @@ def synthetic_entries(
         source_key: entry key naming the source mask, if the datalist has one.
     """
     if datalist is None:
-        raise ValueError(
+        raise ConfigKeyError(
             "synthetic_datalist is not set: pass the datalist of the synthetic pairs (synthesize.yaml writes "
             "<output>/datalist.json), e.g. --synthetic_datalist /data/synthetic/datalist.json"
         )
@@ -139,12 +153,14 @@ def arm_data(
 
     Only ``image`` and ``label`` are kept: synthetic entries carry their scores (nested, with nulls), which a data
     loader cannot collate beside real entries that have none."""
+    if not arms:
+        raise ConfigKeyError("downstream_arms is empty: give at least one of " + ", ".join(ARMS))
     data = {}
     for arm in arms:
         if arm not in ARMS:
-            raise ValueError(f"unknown arm {arm!r}: expected some of {list(ARMS)}")
+            raise ConfigKeyError(f"downstream_arms: unknown arm {arm!r}: expected some of {list(ARMS)}")
         if arm != "real" and synthetic is None:
-            raise ValueError(f"arm {arm!r} needs synthetic pairs: set synthetic_datalist")
+            raise ConfigKeyError(f"arm {arm!r} needs synthetic pairs: set synthetic_datalist")
         chosen = real if arm == "real" else synthetic if arm == "synthetic" else [*real, *synthetic]
         data[arm] = [{"image": e["image"], "label": e["label"]} for e in chosen]
         if not data[arm]:
@@ -213,61 +229,155 @@ def train_segmenter(
     return network
 
 
-def _clean(values: Sequence[float]) -> list[float | None]:
-    return [None if not math.isfinite(float(v)) else round(float(v), 4) for v in values]
-
-
-def score_segmenter(
+def train_arm(
+    arm: str,
+    entries: Sequence[Mapping[str, Any]],
     network: torch.nn.Module,
-    test_entries: Sequence[Mapping[str, Any]],
+    train: Callable[[torch.nn.Module, Sequence[Mapping[str, Any]]], Any],
+    report_dir: str | None = None,
+) -> torch.nn.Module:
+    """Train one arm: a copy of ``network`` (the initial weights every arm starts from, left untouched) trained by
+    ``train(copy, entries)`` (e.g. :func:`train_segmenter` with everything but the network and the data bound),
+    its weights written to ``<report_dir>/segmenter_<arm>.pt``."""
+    from segdiff.engine.handlers import atomic_torch_save
+
+    model = copy.deepcopy(network).cpu()
+    train(model, entries)
+    if report_dir is not None:
+        os.makedirs(report_dir, exist_ok=True)
+        atomic_torch_save(model.state_dict(), os.path.join(report_dir, f"segmenter_{arm}.pt"))
+    return model
+
+
+def score_arm(
+    network: torch.nn.Module,
+    arm: str,
+    data_loader: Any,
+    inferer: Callable,
+    postprocessing: Callable,
+    device: torch.device | str,
+    metrics_dir: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Score one arm's segmenter on the real test split with MONAI's ``SupervisedEvaluator``: Dice and IoU of every
+    foreground class of every case (``MeanDice`` and ``MeanIoUHandler``, background excluded, NaN where a class is
+    absent from the truth).
+
+    Args:
+        network: the arm's trained segmenter.
+        arm: the arm's name; the metrics are ``<arm>_dice`` and ``<arm>_iou``.
+        data_loader: the real test cases (image scaled as in training, label), one case per batch.
+        inferer: runs the network over a whole case (:class:`~segdiff.evaluation.SegmenterInferer`).
+        postprocessing: ``pred`` and ``label`` to one-hot (argmax for ``pred``), as evaluate.yaml's.
+        device: where the network runs.
+        metrics_dir: MetricsSaver writes ``<arm>_{dice,iou}_raw.csv`` and ``_summary.csv`` here (None: nothing).
+
+    Returns:
+        ``{"dice": (cases, classes), "iou": (cases, classes)}``.
+    """
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import MeanDice, MeanIoUHandler, MetricsSaver, from_engine
+
+    from segdiff.evaluation.report import case_meta
+
+    pair = from_engine(["pred", "label"])
+    names = {"dice": f"{arm}_dice", "iou": f"{arm}_iou"}
+    handlers = []
+    if metrics_dir is not None:
+        handlers.append(MetricsSaver(save_dir=metrics_dir, metrics=None, metric_details=list(names.values()),
+                                     batch_transform=case_meta("case"), summary_ops="*"))
+    evaluator = SupervisedEvaluator(
+        device=torch.device(device),
+        val_data_loader=data_loader,
+        network=network.to(device),
+        inferer=inferer,
+        postprocessing=postprocessing,
+        key_val_metric={names["dice"]: MeanDice(include_background=False, output_transform=pair)},
+        additional_metrics={names["iou"]: MeanIoUHandler(include_background=False, output_transform=pair)},
+        val_handlers=handlers,
+    )
+    evaluator.run()
+    return {key: metric_rows(evaluator.state.metric_details[name]) for key, name in names.items()}
+
+
+def run_arms(
+    data: Mapping[str, Sequence[Mapping[str, Any]]],
+    network: torch.nn.Module,
+    train: Callable[[torch.nn.Module, Sequence[Mapping[str, Any]]], Any],
+    score: Callable[[torch.nn.Module, str], Mapping[str, np.ndarray]],
+    real_cases: int,
+    report_dir: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train (:func:`train_arm`) and score (``score(network, arm)``, e.g. :func:`score_arm` with the test split
+    bound) every arm of :func:`arm_data`, in its order, all from ``network``'s initial weights.
+
+    Args:
+        data: the training entries of each arm.
+        network: the untrained segmenter.
+        train: ``train(network, entries)``.
+        score: ``score(network, arm)`` -> ``{"dice": ..., "iou": ...}`` per case and class.
+        real_cases: size of the real subset (the ``real`` and ``mixed`` arms hold it, the rest are synthetic pairs).
+        report_dir: where each arm's weights ``segmenter_<arm>.pt`` go.
+
+    Returns:
+        per arm: ``network`` (trained), ``real_cases``, ``synthetic_pairs``, ``dice``, ``iou``.
+    """
+    results = {}
+    for arm, entries in data.items():
+        num_real = real_cases if arm in ("real", "mixed") else 0
+        logger.info("[downstream] arm '%s': %d real case(s) + %d synthetic pair(s)", arm, num_real, len(entries) - num_real)
+        model = train_arm(arm, entries, network, train, report_dir)
+        results[arm] = {"network": model, "real_cases": num_real, "synthetic_pairs": len(entries) - num_real,
+                        **score(model, arm)}
+    return results
+
+
+def synthetic_image_quality(
+    arms: Mapping[str, Mapping[str, Any]],
+    real_entries: Sequence[Mapping[str, Any]],
+    synthetic_entries: Sequence[Mapping[str, Any]] | None,
     load: Callable[[Mapping[str, Any]], Mapping[str, Any]],
-    num_classes: int,
-    spatial_dims: int,
-    image_size: Sequence[int] | None,
-    slice_axis: int = 2,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-case, per-class Dice and IoU ``(cases, num_classes - 1)`` of a segmenter on the test cases (each whole
-    case on its own grid, 2D networks slice by slice: :func:`segment_case`)."""
-    dice_rows, iou_rows = [], []
-    iterator: Any = test_entries
-    if progress:
-        from tqdm import tqdm
+    inferer: Any,
+    feature_network: str | torch.nn.Module | None = None,
+    seed: int = 0,
+    enabled: bool = True,
+) -> dict[str, Any] | None:
+    """FID, MMD and MS-SSIM diversity of the synthetic images against the real training images
+    (:func:`segdiff.evaluation.image_quality.image_quality_report`), or None when disabled or without synthetic pairs.
 
-        iterator = tqdm(test_entries, desc="scoring on the real test split", unit="case")
-    for entry in iterator:
-        data = load(dict(entry))
-        truth = torch.as_tensor(data["label"])[0]
-        prediction = segment_case(network, torch.as_tensor(data["image"]), spatial_dims, image_size, slice_axis)
-        dice_rows.append(per_class_dice(prediction, truth, num_classes))
-        iou_rows.append(per_class_iou(prediction, truth, num_classes))
-    return np.stack(dice_rows), np.stack(iou_rows)
+    Args:
+        arms: :func:`run_arms`'s results; FID's default feature network is the encoder of the ``real`` arm's
+            segmenter (else of the first arm's).
+        real_entries, synthetic_entries: the real subset and the synthetic pairs.
+        load: loads an entry's image scaled as in training.
+        inferer: the :class:`~segdiff.evaluation.SegmenterInferer` of the scoring (how the network sees a case).
+        feature_network: a dotted path or module instead of the segmenter's encoder.
+        seed: MMD's subsampling seed.
+        enabled: the ``image_quality`` switch.
+    """
+    if not enabled or not synthetic_entries:
+        return None
+    from segdiff.evaluation.image_quality import image_quality_report
 
-
-def _summary(table: np.ndarray, names: Sequence[str]) -> tuple[dict[str, float | None], float | None]:
-    with np.errstate(all="ignore"):
-        per_class = np.nanmean(table, axis=0) if len(table) else np.full(len(names), np.nan)
-    mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else None
-    return dict(zip(names, _clean(per_class))), (None if mean is None else round(mean, 4))
+    arm = "real" if "real" in arms else next(iter(arms))
+    judge = feature_network if feature_network is not None else arms[arm]["network"]
+    quality = image_quality_report(real_entries, synthetic_entries, load, judge, inferer.spatial_dims,
+                                   inferer.image_size, inferer.slice_axis, seed=seed)
+    if feature_network is None:
+        quality["feature_network"] = f"encoder of the {arm}-arm segmenter (UNetEncoder)"
+    return quality
 
 
 def downstream_markdown(report: Mapping[str, Any]) -> str:
     """One row per arm: training cases, Dice per class and mean, IoU per class and mean."""
     names = report["classes"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    header = (
-        "| training data | real cases | synthetic pairs | "
-        + " | ".join(f"Dice {n}" for n in names) + " | mean Dice | "
-        + " | ".join(f"IoU {n}" for n in names) + " | mean IoU |"
-    )
-    lines = [header, "|---" * (2 * len(names) + 5) + "|"]
+    header = ["training data", "real cases", "synthetic pairs", *(f"Dice {n}" for n in names), "mean Dice",
+              *(f"IoU {n}" for n in names), "mean IoU"]
+    rows = []
     for arm, entry in report["arms"].items():
-        cells = [fmt(entry["dice"][n]) for n in names] + [fmt(entry["mean_dice"])]
-        cells += [fmt(entry["iou"][n]) for n in names] + [fmt(entry["mean_iou"])]
-        lines.append(
-            f"| {_ARM_TITLES.get(arm, arm)} | {entry['real_cases']} | {entry['synthetic_pairs']} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([_ARM_TITLES.get(arm, arm), str(entry["real_cases"]), str(entry["synthetic_pairs"]),
+                     *(entry["dice"][n] for n in names), entry["mean_dice"], *(entry["iou"][n] for n in names),
+                     entry["mean_iou"]])
+    return markdown_table(header, rows)
 
 
 def save_bar_plot(report: Mapping[str, Any], path: str) -> str:
@@ -313,126 +423,59 @@ def save_bar_plot(report: Mapping[str, Any], path: str) -> str:
     return path
 
 
-def run_downstream(
-    real_entries: Sequence[Mapping[str, Any]],
-    synthetic_entries: Sequence[Mapping[str, Any]] | None,
+def write_downstream_report(
+    arms: Mapping[str, Mapping[str, Any]],
     test_entries: Sequence[Mapping[str, Any]],
-    network: torch.nn.Module,
-    transform: Callable,
-    load: Callable[[Mapping[str, Any]], Mapping[str, Any]],
-    num_classes: int,
-    num_iterations: int,
-    batch_size: int,
-    optimizer: Callable[..., torch.optim.Optimizer],
-    loss_function: Callable,
-    device: torch.device | str,
     report_dir: str,
-    arms: Sequence[str] = ARMS,
-    spatial_dims: int = 2,
-    image_size: Sequence[int] | None = None,
-    slice_axis: int = 2,
-    seed: int = 0,
     class_names: Sequence[str] | None = None,
-    num_workers: int = 0,
     settings: Mapping[str, Any] | None = None,
-    image_quality: bool = False,
-    feature_network: str | torch.nn.Module | None = None,
-    progress: bool = True,
+    image_quality: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one copy of ``network`` per arm and score each on the real test split; write the report.
+    """Write ``downstream.{json,md,png}`` from :func:`run_arms`'s results.
 
     Args:
-        real_entries: the real training subset (:func:`real_subset`), absolute paths.
-        synthetic_entries: the synthetic pairs (:func:`synthetic_entries`); None when only the ``real`` arm runs.
-        test_entries: the real test split, absolute paths.
-        network: the untrained segmenter; every arm starts from a copy of its weights.
-        transform: the training preprocessing, shared by all arms.
-        load: loads a test entry's ``"image"`` (scaled as in training) and ``"label"``.
-        num_classes: classes including background.
-        num_iterations: optimizer steps of every arm.
-        batch_size, optimizer, loss_function, device, seed, num_workers: as :func:`train_segmenter`.
-        report_dir: where ``downstream.{json,md,png}`` and each arm's weights ``segmenter_<arm>.pt`` go.
-        arms: which of ``real``, ``synthetic``, ``mixed`` to train (default all three).
-        spatial_dims, image_size, slice_axis: how the segmenter sees a case.
+        arms: per arm ``real_cases``, ``synthetic_pairs`` and the per-case ``dice`` and ``iou`` tables.
+        test_entries: the real test split, in the order the arms were scored.
+        report_dir: folder of the report.
         class_names: names of classes ``1..num_classes-1`` (default ``class_<k>``).
-        settings: extra facts recorded in the report (fractions, seeds, datalists).
-        image_quality: also compute FID, MMD and MS-SSIM diversity of the synthetic images against the real
-            training images (:func:`segdiff.evaluation.image_quality.image_quality_report`).
-        feature_network: FID's feature network: None = the encoder of the ``real`` arm's trained segmenter (else of
-            the first arm's), or a dotted path / module (see ``feature_network`` there).
-        progress: progress bars.
+        settings: facts recorded in the report and in the table's caption (fractions, seeds, iterations...).
+        image_quality: :func:`synthetic_image_quality`'s figures, if computed.
     """
-    from segdiff.engine.handlers import atomic_torch_save
-
-    names = list(class_names or [f"class_{c}" for c in range(1, num_classes)])
-    if len(names) != num_classes - 1:
-        raise ValueError(f"class_names has {len(names)} names; {num_classes - 1} foreground classes expected.")
     if not arms:
-        raise ValueError("no arm to train: give at least one of " + ", ".join(ARMS))
+        raise ConfigKeyError("no arm was trained: give at least one of " + ", ".join(ARMS))
     if not test_entries:
         raise DatalistError("the real test split is empty: nothing to score the segmenters on")
-    data = arm_data(arms, real_entries, synthetic_entries)
-    initial = copy.deepcopy(network).cpu()
-    os.makedirs(report_dir, exist_ok=True)
+    num_classes = next(iter(arms.values()))["dice"].shape[1] + 1
+    names = foreground_names(class_names, num_classes)
     report: dict[str, Any] = {"classes": names, "settings": dict(settings or {}), "arms": {}, "cases": []}
-    report["settings"].update({"num_iterations": int(num_iterations), "batch_size": int(batch_size), "seed": seed})
-    trained: dict[str, torch.nn.Module] = {}
-    per_case: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for arm, entries in data.items():
-        num_real = len(real_entries) if arm in ("real", "mixed") else 0
-        num_synthetic = len(entries) - num_real
-        print(f"\n[downstream] arm '{arm}': {num_real} real case(s) + {num_synthetic} synthetic pair(s), "
-              f"{num_iterations} iterations", flush=True)
-        model = copy.deepcopy(initial)
-        train_segmenter(model, entries, transform, num_iterations, batch_size, optimizer, loss_function, device,
-                        seed=seed, num_workers=num_workers, progress=progress)
-        atomic_torch_save(model.state_dict(), os.path.join(report_dir, f"segmenter_{arm}.pt"))
-        dice, iou = score_segmenter(model, test_entries, load, num_classes, spatial_dims, image_size, slice_axis, progress)
-        per_case[arm] = (dice, iou)
-        trained[arm] = model
-        dice_per_class, mean_dice = _summary(dice, names)
-        iou_per_class, mean_iou = _summary(iou, names)
-        report["arms"][arm] = {
-            "real_cases": num_real,
-            "synthetic_pairs": num_synthetic,
-            "dice": dice_per_class,
-            "mean_dice": mean_dice,
-            "iou": iou_per_class,
-            "mean_iou": mean_iou,
-        }
+    for arm, result in arms.items():
+        summary = {"real_cases": int(result["real_cases"]), "synthetic_pairs": int(result["synthetic_pairs"])}
+        for metric in ("dice", "iou"):
+            per_class, mean = class_means(result[metric], len(names))
+            summary[metric] = dict(zip(names, rounded(per_class)))
+            summary[f"mean_{metric}"] = None if mean is None else round(mean, 4)
+        report["arms"][arm] = {k: summary[k] for k in ("real_cases", "synthetic_pairs", "dice", "mean_dice", "iou", "mean_iou")}
     for index, entry in enumerate(test_entries):
         case = {"image": str(entry["image"]), "label": str(entry["label"])}
-        for arm, (dice, iou) in per_case.items():
-            case[arm] = {"dice": _clean(dice[index]), "iou": _clean(iou[index])}
+        for arm, result in arms.items():
+            case[arm] = {"dice": rounded(result["dice"][index]), "iou": rounded(result["iou"][index])}
         report["cases"].append(case)
+    if image_quality is not None:
+        report["image_quality"] = dict(image_quality)
 
-    if image_quality and synthetic_entries:
-        from segdiff.evaluation.image_quality import image_quality_report
-
-        judge = feature_network if feature_network is not None else trained.get("real", next(iter(trained.values())))
-        report["image_quality"] = image_quality_report(
-            real_entries, synthetic_entries, load, judge, spatial_dims, image_size, slice_axis, seed=seed
-        )
-        if feature_network is None:
-            arm = "real" if "real" in trained else next(iter(trained))
-            report["image_quality"]["feature_network"] = f"encoder of the {arm}-arm segmenter (UNetEncoder)"
-
-    with open(os.path.join(report_dir, "downstream.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    table = downstream_markdown(report)
     settings_line = ", ".join(f"{k} {v}" for k, v in report["settings"].items() if not isinstance(v, (list, dict)))
-    with open(os.path.join(report_dir, "downstream.md"), "w") as f:
-        f.write("# Downstream segmentation on the real test split, by training data\n\n")
-        f.write(f"Same network, initial weights, seed and iterations in every row ({settings_line}).\n\n" + table)
-        if "image_quality" in report:
-            q = report["image_quality"]
-            fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
-            f.write(
-                f"\nImage quality of the synthetic images: FID {fmt(q['fid'])} ({q['feature_network']}), "
-                f"MMD {fmt(q['mmd'])}, MS-SSIM diversity {fmt(q['ms_ssim_diversity'])} "
-                f"({q['num_masks_with_several_samples']} masks with several samples).\n"
-            )
-        f.write("\n![Dice and IoU per class](downstream.png)\n")
+    before = f"Same network, initial weights, seed and iterations in every row ({settings_line}).\n\n"
+    after = ""
+    if "image_quality" in report:
+        q = report["image_quality"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+        after += (
+            f"\nImage quality of the synthetic images: FID {fmt(q['fid'])} ({q['feature_network']}), "
+            f"MMD {fmt(q['mmd'])}, MS-SSIM diversity {fmt(q['ms_ssim_diversity'])} "
+            f"({q['num_masks_with_several_samples']} masks with several samples).\n"
+        )
+    after += "\n![Dice and IoU per class](downstream.png)\n"
+    report = write_report(report_dir, "downstream", report, "Downstream segmentation on the real test split, by training data",
+                          downstream_markdown(report), before=before, after=after)
     save_bar_plot(report, os.path.join(report_dir, "downstream.png"))
-    print(table)
     return report

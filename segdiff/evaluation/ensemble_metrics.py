@@ -5,6 +5,10 @@ Every function takes one case already on the case's grid, as numpy arrays or tor
 dimensions and no channel dimension (except ``probabilities``, which is ``(K, *spatial)``). Dice and HD95 come from
 MONAI (``compute_dice``, ``compute_hausdorff_distance``); the ranking AUROC and the calibration error are written
 here because MONAI has no voxel-wise form of either. ``summarize`` averages the per-case dictionaries over a test set.
+
+:class:`UncertaintyErrorAUROC` and :class:`TopLabelCalibrationError` wrap the two in MONAI's metric interface
+(``CumulativeIterationMetric``: call it per batch, ``aggregate()`` at the end, ``get_buffer()`` per case), so an
+evaluation uses them beside MONAI's ``DiceMetric`` and ``HausdorffDistanceMetric``.
 """
 
 from __future__ import annotations
@@ -15,10 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import CumulativeIterationMetric, compute_dice, compute_hausdorff_distance
+from monai.metrics.utils import do_metric_reduction
 from monai.networks.utils import one_hot
+from monai.utils import MetricReduction
 
-__all__ = ["expected_calibration_error", "segmentation_scores", "summarize", "uncertainty_error_auroc"]
+__all__ = [
+    "TopLabelCalibrationError",
+    "UncertaintyErrorAUROC",
+    "expected_calibration_error",
+    "segmentation_scores",
+    "summarize",
+    "uncertainty_error_auroc",
+]
 
 #: how far the class probabilities of a voxel may sum away from 1 before they are refused
 PROBABILITY_SUM_TOLERANCE = 1e-3
@@ -246,3 +259,76 @@ def summarize(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 per_class = np.nanmean(table, axis=0)
                 summary[key] = {"mean": float(np.nanmean(per_class)), "per_class": [float(v) for v in per_class]}
     return summary
+
+
+class _PerCaseMetric(CumulativeIterationMetric):
+    """One number per case (``(B, 1)``, float64) buffered over calls; ``aggregate()`` reduces them, skipping NaN."""
+
+    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.get_not_nans = get_not_nans
+
+    @staticmethod
+    def _check_batch(name: str, tensor: torch.Tensor | None, channels: int | None = 1) -> torch.Tensor:
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim < 4 or (channels is not None and tensor.shape[1] != channels):
+            shape = None if not isinstance(tensor, torch.Tensor) else tuple(tensor.shape)
+            expected = f"(B, {channels}, *spatial)" if channels is not None else "(B, K, *spatial)"
+            raise ValueError(f"{name} must be a batch-first tensor {expected} with 2 or 3 spatial dimensions, got {shape}.")
+        return tensor
+
+    def aggregate(self, reduction: MetricReduction | str | None = None):  # type: ignore[override]
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"the data to aggregate must be a PyTorch Tensor, got {type(data)}.")
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        return (f, not_nans) if self.get_not_nans else f
+
+
+class UncertaintyErrorAUROC(_PerCaseMetric):
+    """:func:`uncertainty_error_auroc` per case as a MONAI metric: how well the uncertainty map ranks the misclassified
+    voxels above the correct ones (1 perfect, 0.5 uninformative; NaN if a case is all right or all wrong).
+
+    Call it with batch-first label maps ``y_pred`` (the fused segmentation) and ``y`` (the truth), ``(B, 1, *spatial)``,
+    and the uncertainty map of the same shape as ``uncertainty=``; ``aggregate()`` gives the mean over cases
+    (``reduction``, NaN skipped), ``get_buffer()`` the ``(cases, 1)`` values.
+
+    Args:
+        reduction: MONAI's metric reduction over the buffered cases. Defaults to ``"mean"``.
+        get_not_nans: ``aggregate()`` also returns the number of cases that had a value.
+    """
+
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor, uncertainty: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        y_pred, y = self._check_batch("y_pred", y_pred), self._check_batch("y", y)
+        uncertainty = self._check_batch("uncertainty", uncertainty)
+        values = [
+            uncertainty_error_auroc(uncertainty[b, 0], y_pred[b, 0], y[b, 0], None if mask is None else mask[b, 0])
+            for b in range(y_pred.shape[0])
+        ]
+        return torch.tensor(values, dtype=torch.float64).reshape(-1, 1)
+
+
+class TopLabelCalibrationError(_PerCaseMetric):
+    """:func:`expected_calibration_error` per case as a MONAI metric: top-label ECE of class probabilities.
+
+    Call it with batch-first probabilities ``y_pred`` ``(B, K, *spatial)`` (summing to 1 over ``K``) and the truth
+    label map ``y`` ``(B, 1, *spatial)``; ``aggregate()`` gives the mean over cases, ``get_buffer()`` the
+    ``(cases, 1)`` values. (MONAI's ``CalibrationErrorMetric`` bins every class channel on its own; this is the
+    top-label form of the image -> mask literature.)
+
+    Args:
+        num_bins: equal-width confidence bins. Defaults to 15.
+        reduction: MONAI's metric reduction over the buffered cases. Defaults to ``"mean"``.
+        get_not_nans: ``aggregate()`` also returns the number of cases that had a value.
+    """
+
+    def __init__(self, num_bins: int = 15, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
+        super().__init__(reduction, get_not_nans)
+        self.num_bins = num_bins
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y_pred, y = self._check_batch("y_pred", y_pred, channels=None), self._check_batch("y", y)
+        values = [expected_calibration_error(y_pred[b], y[b, 0], self.num_bins) for b in range(y_pred.shape[0])]
+        return torch.tensor(values, dtype=torch.float64).reshape(-1, 1)

@@ -1,138 +1,169 @@
 """Faithfulness of generated images to their masks (Konz et al.): segment each generated image with a segmenter
 trained on real images and score the result against the mask it was generated from. The same segmenter on the real
-test images gives the ceiling a perfect generator could reach."""
+test images gives the ceiling a perfect generator could reach.
+
+mask_to_image's evaluate.yaml composes the two runs from MONAI's pieces: a ``SupervisedEvaluator`` each (the
+segmenter over whole cases through :class:`~segdiff.evaluation.SegmenterInferer`, argmax and one-hot
+post-processing, a ``MeanDice`` handler keeping every case's per-class Dice, a ``MetricsSaver``); this module gives
+them their data (:func:`generated_entries`), refuses what cannot be scored, and writes the report from the two
+evaluators' per-case Dice (:func:`write_faithfulness_report`: ``faithfulness.{json,md}``).
+"""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from monai.transforms import LoadImage
 
-from segdiff.evaluation.segmenter import per_class_dice, segment_case
+from segdiff.evaluation.report import (
+    EvaluationInputError,
+    MissingOutputsError,
+    class_means,
+    foreground_names,
+    markdown_table,
+    metric_rows,
+    rounded,
+    write_report,
+)
 from segdiff.transforms.io import sample_output_paths
 
-__all__ = ["check_generated_exist", "evaluate_faithfulness", "markdown_table"]
+__all__ = [
+    "check_generated_exist",
+    "check_same_grid",
+    "faithfulness_markdown",
+    "generated_entries",
+    "per_case_metric",
+    "real_entries",
+    "write_faithfulness_report",
+]
 
-logger = logging.getLogger(__name__)
+#: title of faithfulness.md
+TITLE = "Faithfulness: Dice between each mask and the segmentation of the image generated from it"
 
 
-def check_generated_exist(entries: Sequence[Mapping[str, Any]], generated_dir: str, num_samples: int = 1) -> int:
-    """Stop before any training if a mask's generated image is missing; returns the number of images found."""
-    missing, found = [], 0
+def generated_entries(entries: Sequence[Mapping[str, Any]], generated_dir: str, samples_per_mask: int = 1) -> list[dict[str, Any]]:
+    """The generated images to score, one item per image, masks in datalist order and the samples of a mask together:
+    ``image`` (the generated file), ``label`` (the mask it was generated from) and ``case`` (the generated file's
+    path, naming the row in MetricsSaver's files).
+
+    Args:
+        entries: test entries with absolute ``"label"`` paths (the conditioning masks).
+        generated_dir: the inference ``output_dir`` holding ``<case>_image.nii.gz`` (``<case>_sample<k>_image.nii.gz``
+            when several images were generated per mask).
+        samples_per_mask: images generated per mask (inference.yaml's ``num_samples``).
+
+    Raises:
+        MissingOutputsError: a generated image is missing (the count and the first are named).
+    """
+    items, missing = [], []
     for entry in entries:
-        for path in sample_output_paths(entry["label"], generated_dir, num_samples, "image"):
-            if os.path.exists(path):
-                found += 1
-            else:
+        for path in sample_output_paths(entry["label"], generated_dir, samples_per_mask, "image"):
+            items.append({"image": path, "label": entry["label"], "case": path})
+            if not os.path.exists(path):
                 missing.append(path)
     if missing:
-        raise FileNotFoundError(
+        raise MissingOutputsError(
             f"{len(missing)} generated image(s) missing in {generated_dir}, e.g. {missing[0]}: run inference.yaml "
-            "first with the same output_dir and num_samples."
+            f"first with the same output_dir and num_samples {samples_per_mask} (evaluate.yaml's samples_per_mask)."
         )
-    return found
+    return items
 
 
-def _summary(rows: list[np.ndarray], class_names: Sequence[str]) -> dict[str, Any]:
-    if not rows:
-        return {"per_class_dice": {name: None for name in class_names}, "mean_dice": None, "num_images": 0}
-    table = np.stack(rows)
-    with np.errstate(all="ignore"):
-        per_class = np.nanmean(table, axis=0)
-    mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else None
+def check_generated_exist(entries: Sequence[Mapping[str, Any]], generated_dir: str, samples_per_mask: int = 1) -> int:
+    """Stop before any training if a mask's generated image is missing; returns the number of images found."""
+    return len(generated_entries(entries, generated_dir, samples_per_mask))
+
+
+def real_entries(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The real test entries with ``case`` (the label's path) naming their rows in MetricsSaver's files."""
+    return [{**entry, "case": str(entry["label"])} for entry in entries]
+
+
+def check_same_grid(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Transform refusing a generated ``image`` whose grid is not its mask's (``label``), both channel first."""
+    image, mask = data["image"], data["label"]
+    if tuple(image.shape[1:]) != tuple(mask.shape[1:]):
+        raise EvaluationInputError(
+            f"{data.get('case', 'generated image')} has shape {tuple(image.shape[1:])}, its mask "
+            f"{tuple(mask.shape[1:])}: generated images must be on their mask's grid (rerun inference.yaml)."
+        )
+    return data
+
+
+def per_case_metric(evaluator: Any, name: str | None = None) -> np.ndarray:
+    """The per-case values ``(cases, classes)`` a metric handler kept on an evaluator that ran
+    (``engine.state.metric_details``); ``name`` defaults to the evaluator's key metric."""
+    details = getattr(evaluator.state, "metric_details", {})
+    name = name or evaluator.state.key_metric_name
+    if name not in details:
+        raise EvaluationInputError(
+            f"the evaluator has no per-case values of {name!r} (found {sorted(details)}): run it first, with the metric "
+            "handler's save_details true."
+        )
+    return metric_rows(details[name])
+
+
+def _summary(table: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    if not len(table):
+        return {"per_class_dice": {name: None for name in names}, "mean_dice": None, "num_images": 0}
+    per_class, mean = class_means(table)
     return {
-        "per_class_dice": {name: (None if np.isnan(v) else round(float(v), 4)) for name, v in zip(class_names, per_class)},
+        "per_class_dice": dict(zip(names, rounded(per_class))),
         "mean_dice": None if mean is None else round(mean, 4),
-        "num_images": len(rows),
+        "num_images": len(table),
     }
 
 
-def markdown_table(report: Mapping[str, Any]) -> str:
+def faithfulness_markdown(report: Mapping[str, Any]) -> str:
     """The report's Dice figures as a markdown table: one row per image source, one column per class."""
     names = list(report["generated"]["per_class_dice"])
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| images | " + " | ".join(names) + " | mean | n |", "|---" * (len(names) + 3) + "|"]
+    rows = []
     for label, key in (("generated (faithfulness)", "generated"), ("real test images (ceiling)", "real")):
         entry = report[key]
-        cells = [fmt(entry["per_class_dice"][n]) for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(entry['mean_dice'])} | {entry['num_images']} |")
-    return "\n".join(lines) + "\n"
+        rows.append([label, *(entry["per_class_dice"][n] for n in names), entry["mean_dice"], str(entry["num_images"])])
+    return markdown_table(["images", *names, "mean", "n"], rows)
 
 
-@torch.no_grad()
-def evaluate_faithfulness(
-    entries: Sequence[Mapping[str, Any]],
-    generated_dir: str,
-    segmenter: torch.nn.Module,
-    num_classes: int,
-    spatial_dims: int,
-    image_size: Sequence[int] | None,
-    load_real: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+def write_faithfulness_report(
+    generated: Any,
+    real: Any,
+    test_data: Sequence[Mapping[str, Any]],
     report_dir: str,
-    num_samples: int = 1,
-    slice_axis: int = 2,
+    samples_per_mask: int = 1,
     class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Score generated images against their conditioning masks, next to the real-image ceiling.
+    """Write ``faithfulness.{json,md}`` from the per-case Dice of the two evaluations.
 
     Args:
-        entries: test entries with absolute ``"label"`` (the conditioning mask) and ``"image"`` (the real image).
-        generated_dir: the inference ``output_dir`` holding ``<case>_image.nii.gz`` (or ``_sample<k>_``) files.
-        segmenter: reference segmentation network trained on real images (outputs ``num_classes`` logits).
-        num_classes: classes including background.
-        spatial_dims, image_size, slice_axis: how the segmenter sees a case (as in training).
-        load_real: transform loading an entry's real ``"image"`` (scaled as in training) and ``"label"``.
-        report_dir: where ``faithfulness.json`` and ``faithfulness.md`` are written.
-        num_samples: generated images per mask.
-        class_names: names of classes ``1..num_classes-1`` (default ``class_1``...).
+        generated: the evaluator that scored the generated images (:func:`generated_entries` order), or its
+            per-case Dice ``(masks x samples_per_mask, classes)``.
+        real: the evaluator that scored the real test images (``test_data`` order), or its per-case Dice.
+        test_data: the test entries (``label`` names each case in the report).
+        report_dir: folder of the report.
+        samples_per_mask: images generated per mask.
+        class_names: names of classes ``1..num_classes-1`` (default ``class_<k>``).
 
     Returns:
         the report: per-class and mean Dice for generated and for real images, and per-case figures.
     """
-    names = list(class_names or [f"class_{c}" for c in range(1, num_classes)])
-    if len(names) != num_classes - 1:
-        raise ValueError(f"class_names has {len(names)} names; {num_classes - 1} foreground classes expected.")
-    device = next(segmenter.parameters()).device
-    loader = LoadImage(image_only=True, ensure_channel_first=True)
-    generated_rows, real_rows, cases = [], [], []
-    check_generated_exist(entries, generated_dir, num_samples)
-    for entry in entries:
-        paths = sample_output_paths(entry["label"], generated_dir, num_samples, "image")
-        real = load_real(dict(entry))
-        mask = torch.as_tensor(real["label"])[0]
-        case = {"label": str(entry["label"]), "generated_dice": [], "real_dice": None}
-        for path in paths:
-            generated = loader(path)
-            if tuple(generated.shape[1:]) != tuple(mask.shape):
-                raise ValueError(f"{path} has shape {tuple(generated.shape[1:])}, its mask {tuple(mask.shape)}.")
-            prediction = segment_case(segmenter.to(device), generated, spatial_dims, image_size, slice_axis)
-            dice = per_class_dice(prediction, mask, num_classes)
-            generated_rows.append(dice)
-            case["generated_dice"].append([None if np.isnan(v) else round(float(v), 4) for v in dice])
-        prediction = segment_case(segmenter, torch.as_tensor(real["image"]), spatial_dims, image_size, slice_axis)
-        dice = per_class_dice(prediction, mask, num_classes)
-        real_rows.append(dice)
-        case["real_dice"] = [None if np.isnan(v) else round(float(v), 4) for v in dice]
-        cases.append(case)
-    report = {
-        "classes": names,
-        "generated": _summary(generated_rows, names),
-        "real": _summary(real_rows, names),
-        "cases": cases,
-    }
-    os.makedirs(report_dir, exist_ok=True)
-    with open(os.path.join(report_dir, "faithfulness.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown_table(report)
-    with open(os.path.join(report_dir, "faithfulness.md"), "w") as f:
-        f.write("# Faithfulness: Dice between each mask and the segmentation of the image generated from it\n\n")
-        f.write(table)
-    logger.info("faithfulness (Dice of the reference segmenter):\n" + table)
-    print(table)
-    return report
+    generated_dice = generated if isinstance(generated, np.ndarray) else per_case_metric(generated)
+    real_dice = real if isinstance(real, np.ndarray) else per_case_metric(real)
+    if len(generated_dice) != len(test_data) * samples_per_mask or len(real_dice) != len(test_data):
+        raise EvaluationInputError(
+            f"{len(generated_dice)} generated and {len(real_dice)} real images were scored for {len(test_data)} test "
+            f"masks with samples_per_mask {samples_per_mask}: the evaluators did not run over the test split."
+        )
+    names = foreground_names(class_names, real_dice.shape[1] + 1)
+    cases = []
+    for index, entry in enumerate(test_data):
+        samples = generated_dice[index * samples_per_mask : (index + 1) * samples_per_mask]
+        cases.append({
+            "label": str(entry["label"]),
+            "generated_dice": [rounded(row) for row in samples],
+            "real_dice": rounded(real_dice[index]),
+        })
+    report = {"classes": names, "generated": _summary(generated_dice, names), "real": _summary(real_dice, names),
+              "cases": cases}
+    return write_report(report_dir, "faithfulness", report, TITLE, faithfulness_markdown(report))
