@@ -10,6 +10,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from segdiff.evaluation.ensemble_metrics import (
+    TopLabelCalibrationError,
+    UncertaintyErrorAUROC,
     expected_calibration_error,
     segmentation_scores,
     summarize,
@@ -246,3 +248,56 @@ def test_summarize_refuses_cases_with_different_class_counts_or_missing_scores()
         summarize([{"ece": 0.1}, {"auroc": 0.5}])
     with pytest.raises(ValueError, match="at least one case"):
         summarize([])
+
+
+# ---------------------------------------------------------------- the two as MONAI metrics
+
+
+def _random_cases(count=3, shape=(6, 7), num_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        truth = rng.integers(0, num_classes, shape)
+        prediction = np.where(rng.random(shape) < 0.3, rng.integers(0, num_classes, shape), truth)
+        uncertainty = (prediction != truth) * 0.4 + rng.random(shape)
+        logits = rng.normal(size=(num_classes, *shape))
+        probabilities = np.exp(logits) / np.exp(logits).sum(0)
+        yield prediction, truth, uncertainty, probabilities
+
+
+def test_auroc_metric_buffers_the_function_per_case_and_averages_them():
+    metric, expected = UncertaintyErrorAUROC(), []
+    for prediction, truth, uncertainty, _ in _random_cases():
+        batch = lambda x: torch.as_tensor(x)[None, None]  # noqa: E731
+        metric(y_pred=batch(prediction), y=batch(truth), uncertainty=batch(uncertainty))
+        expected.append(uncertainty_error_auroc(uncertainty, prediction, truth))
+    assert metric.get_buffer().shape == (3, 1) and metric.get_buffer().dtype == torch.float64
+    assert metric.get_buffer()[:, 0].tolist() == expected  # the same numbers, not approximately
+    assert metric.aggregate().item() == pytest.approx(np.mean(expected), rel=1e-6)  # MONAI reduces in float32
+
+
+def test_auroc_metric_skips_cases_without_errors_in_the_mean():
+    metric = UncertaintyErrorAUROC()
+    truth = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    metric(y_pred=truth, y=truth, uncertainty=torch.rand(1, 1, 4, 4))  # no error: NaN
+    prediction = truth.clone()
+    prediction[..., 0, 0] = 1
+    uncertainty = torch.zeros(1, 1, 4, 4)
+    uncertainty[..., 0, 0] = 1.0
+    metric(y_pred=prediction, y=truth, uncertainty=uncertainty)  # the one error is the most uncertain voxel
+    assert math.isnan(metric.get_buffer()[0, 0].item()) and metric.aggregate().item() == 1.0
+
+
+def test_auroc_metric_refuses_a_missing_uncertainty_map():
+    with pytest.raises(ValueError, match=r"uncertainty must be a batch-first tensor \(B, 1, \*spatial\)"):
+        UncertaintyErrorAUROC()(y_pred=torch.zeros(1, 1, 4, 4), y=torch.zeros(1, 1, 4, 4))
+
+
+def test_calibration_metric_buffers_the_function_per_case_and_averages_them():
+    metric, expected = TopLabelCalibrationError(num_bins=10), []
+    for _, truth, _, probabilities in _random_cases():
+        metric(y_pred=torch.as_tensor(probabilities)[None], y=torch.as_tensor(truth)[None, None])
+        expected.append(expected_calibration_error(probabilities, truth, num_bins=10))
+    assert metric.get_buffer()[:, 0].tolist() == expected
+    assert metric.aggregate().item() == pytest.approx(np.mean(expected), rel=1e-6)  # MONAI reduces in float32
+    metric.reset()
+    assert len(metric) == 0

@@ -262,7 +262,9 @@ def summarize(cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 class _PerCaseMetric(CumulativeIterationMetric):
-    """One number per case (``(B, 1)``, float64) buffered over calls; ``aggregate()`` reduces them, skipping NaN."""
+    """One number per case (``(B, 1)``, float64) buffered over calls; ``aggregate()`` reduces them, skipping NaN,
+    with MONAI's ``do_metric_reduction`` (float32, and 0 when no case has a value, as MONAI's metrics do). Reports
+    read the float64 per-case buffer (``get_buffer()``) instead."""
 
     def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
         super().__init__()
