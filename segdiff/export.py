@@ -7,7 +7,10 @@ dynamic batch dimension and, on request, dynamic spatial sizes (multiples of the
 
 Every export is loaded back from disk and compared with the eager network before it is given its final name, so a
 file at ``output`` always holds a program that matched. The bundle's merged config and its metadata travel inside
-the file as extra files (``config.json``, ``metadata.json``), as MONAI's ``ckpt_export`` stores them.
+the file as extra files (``config.json``, ``metadata.json``), as MONAI's ``ckpt_export`` stores them. The weights'
+model record (``models/model.json``, see :mod:`segdiff.engine.provenance`) is checked against the config before the
+export and written beside the program (``network.pt2`` -> ``network.json``) and inside it (``model_record.json``),
+with what the export checked, so a deployed program still says how it must be used.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ __all__ = [
 ]
 
 #: the extra files stored in every export: the merged bundle config and the bundle's metadata (JSON text)
-EXTRA_FILES = ("config.json", "metadata.json")
+EXTRA_FILES = ("config.json", "metadata.json", "model_record.json")
 
 
 class ExportReport(NamedTuple):
@@ -215,7 +218,12 @@ def export_bundle_network(
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite (--overwrite) to replace it")
     files = [config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files)
-    network, parser = load_bundle_network(files, weights, net_id=net_id, overrides=overrides, key=key)
+    network, parser = load_bundle_network(files, None, net_id=net_id, overrides=overrides)
+    record = None
+    if weights is not None:
+        if key is None and "model_record" in parser:  # trained with the settings this config gives? (before any work)
+            record = parser.get_parsed_content("model_record").verify(network, weights)
+        _load_weights(network, weights, key)
     if not hasattr(network, "in_channels"):
         raise ValueError(f"{net_id!r} has no in_channels: export-network exports a diffusion network(image, timesteps)")
     network = network.to(device)
@@ -237,6 +245,8 @@ def export_bundle_network(
         candidate = os.path.join(os.path.dirname(os.path.abspath(files[0])), "metadata.json")
         meta_file = candidate if os.path.isfile(candidate) else None
     extra = {"config.json": json.dumps(parser.get(), default=str)}
+    if record is not None:
+        extra["model_record.json"] = json.dumps(record)
     if meta_file is not None:
         with open(meta_file) as f:
             extra["metadata.json"] = json.dumps(json.load(f))
@@ -265,7 +275,25 @@ def export_bundle_network(
         if os.path.exists(partial):
             os.remove(partial)
     checked = tuple((b, network.in_channels, *s) for b, *s in shapes)
+    _write_export_record(record, weights, output, inputs, checked, worst, dynamic_spatial)
     return ExportReport(str(output), tuple(inputs[0].shape), worst, checked)
+
+
+def _write_export_record(record, weights, output, inputs, checked, worst, dynamic_spatial) -> None:
+    """``<output>.json``: the weights' model record (if any) and what the export checked."""
+    from segdiff.engine.provenance import RECORD_FORMAT, record_path, write_json_atomic
+
+    exported = dict(record) if record is not None else {"format": RECORD_FORMAT, "settings": {}, "note": "no record"}
+    exported["export"] = {
+        "weights": None if weights is None else os.path.abspath(weights),
+        "program": os.path.basename(output),
+        "example_input_shape": list(inputs[0].shape),
+        "checked_input_shapes": [list(c) for c in checked],
+        "max_abs_diff": worst,
+        "dynamic_batch": True,
+        "dynamic_spatial": bool(dynamic_spatial),
+    }
+    write_json_atomic(exported, record_path(output))
 
 
 def _config_spatial_shape(parser, files: Sequence[str]) -> tuple[int, ...]:

@@ -88,7 +88,7 @@ def test_resume_continues_from_the_saved_epoch(trained_2d):
 
 def test_training_refuses_to_overwrite_an_earlier_run(trained_2d):
     root, _ = trained_2d
-    raises_with("checkpoint.pt exists from an earlier training run", train, root / "data", root / "bundle", max_epochs=3)
+    raises_with("checkpoint.pt exist(s) from an earlier run", train, root / "data", root / "bundle", max_epochs=3)
 
 
 def test_inference_2d_model_over_3d_volumes_writes_images_on_the_mask_grid(trained_2d):

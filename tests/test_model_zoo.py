@@ -270,7 +270,8 @@ def write_weights(bundle: str, configs, overrides: dict) -> str:
 def test_check_properties_empty_for_train_and_inference(tmp_path, bundle):
     overrides = tiny_overrides(tmp_path)
     write_weights(bundle, ["inference.yaml"], overrides)
-    assert missing_properties(bundle, **overrides) == {"train.yaml": [], "inference.yaml": []}
+    # overwrite: training's run-folder check would (rightly) refuse the weights written for inference in the same folder
+    assert missing_properties(bundle, overwrite=True, **overrides) == {"train.yaml": [], "inference.yaml": []}
 
 
 def free_port() -> int:
@@ -432,7 +433,9 @@ def test_export_network_refuses_weights_that_do_not_fit_the_config(exported, tmp
                *[f"--set={k}={v!r}" for k, v in EXPORT_OVERRIDES.items()], "--set", "num_classes=5"]
     assert main(command) == 2
     err = capsys.readouterr().err
-    assert f"{root / 'model.pt'} does not fit the network of the config" in err and "size mismatch" in err
+    # translated before any work: the file, what differs (shapes), and which keys decide them
+    assert f"{root / 'model.pt'} does not fit the configured network_def" in err and "tensor(s) of another shape" in err
+    assert "num_classes, image_channels, mask_encoding, network_def" in err
     assert not output.exists()
 
 

@@ -306,7 +306,7 @@ def test_masks_with_the_same_file_name_are_refused(tmp_path, toy_masks):
     twin = tmp_path / "elsewhere" / "case0.nii.gz"
     twin.parent.mkdir()
     twin.write_bytes(Path(toy_masks[0]["label"]).read_bytes())
-    raises_with("distinct file names", toy_synthesizer(tmp_path / "out").run, [toy_masks[0], {"label": str(twin)}])
+    raises_with("would be shared by several inputs under 'label'", toy_synthesizer(tmp_path / "out").run, [toy_masks[0], {"label": str(twin)}])
 
 
 # ---- the bundle: inference.yaml + synthesize.yaml on tiny networks -------------------------------------------------

@@ -409,6 +409,26 @@ def _overlay(parameters: Mapping[str, Any], image_size: list[int] | None) -> tup
     return keys, comments
 
 
+def _record_settings(keys: Mapping[str, Any], conditional: bool) -> dict[str, Any]:
+    """The converted model's record (models/model.json): what the original was trained with. Its class count and
+    intensity scaling are not known from the release (any mask up to 255 classes fits the legacy encoding), so they are
+    not recorded and not checked."""
+    settings = {"spatial_dims": 2, "image_size": keys.get("image_size"), "roi_size": None,
+                "image_channels": keys["image_channels"]}
+    if conditional:
+        settings.update(mask_encoding="legacy", mask_values=[0.0, 1.0])
+    else:
+        settings["num_classes"] = 0
+    settings.update(
+        prediction_type="epsilon",
+        noise_schedule={"kind": "ddpm", "num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4,
+                        "beta_end": 0.02},
+        target="image",
+        condition="label" if conditional else None,
+    )
+    return settings
+
+
 def _overlay_text(keys: Mapping[str, Any], comments: Mapping[str, str], header: list[str]) -> str:
     lines = [f"# {line}".rstrip() for line in header]
     for key, value in keys.items():
@@ -447,12 +467,12 @@ def convert_diffusers_unet(
     """
     from monai.networks.nets import DiffusionModelUNet
 
-    from segdiff.engine.handlers import atomic_torch_save
-
     bundle_dir = Path(bundle_dir)
     model_path = bundle_dir / "models" / "model.pt"
     config_path = bundle_dir / "configs" / OVERLAY_NAME
-    existing = [str(p) for p in (model_path, config_path) if p.exists()]
+    from segdiff.engine.provenance import ModelRecord, record_path, save_weights
+
+    existing = [str(p) for p in (model_path, record_path(model_path), config_path) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite (overwrite=True) to replace it")
 
@@ -483,7 +503,10 @@ def convert_diffusers_unet(
 
     if yaml.safe_load(text) != keys:  # the hand-written YAML must read back as the values it was made from
         raise RuntimeError(f"internal error: the overlay does not read back as written:\n{text}")
-    atomic_torch_save(network.state_dict(), model_path)
+    record = ModelRecord(_record_settings(keys, conditional), bundle="mask_to_image").build(
+        network, {"converted_from": str(source_weights), "diffusers_version": version}
+    )
+    save_weights(network.state_dict(), model_path, record)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(text)
     return ConvertedModel(model_path, config_path, parameters, keys, len(weights), num_parameters,

@@ -324,12 +324,13 @@ class ModelRecord:
             if not lines and stored.get("layers_sha256") not in (None, built["layers_sha256"]):
                 lines.append("  network_def: the configured network's layers differ from the trained one's")
         if lines:
-            hint = f"\nOverrides that would match the weights: {' '.join(overrides)}" if overrides else ""
+            fix = "Add the config or preset used in training (e.g. ../../configs/demo_cpu.yaml)"
+            fix += f", or these overrides: {' '.join(overrides)}" if overrides else "."
             raise ModelMismatchError(
-                f"{source} says these weights were trained with other settings than this config uses:\n"
+                f"{source} says these weights were trained with other settings than this config gives:\n"
                 + "\n".join(lines)
-                + hint
-                + "\n(add the config or preset used in training, e.g. ../../configs/demo_cpu.yaml, or the overrides above)"
+                + "\n"
+                + fix
             )
 
     def verify(self, network: torch.nn.Module | None = None, weights_path: str | os.PathLike | None = None) -> dict | None:
@@ -352,7 +353,8 @@ class ModelRecord:
             )
         if network is not None:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("model", state) if isinstance(state, Mapping) and "model" in state else state
+            if isinstance(state, Mapping) and state and all(isinstance(v, Mapping) for v in state.values()):
+                return record  # a checkpoint of several state dicts: its loader names the entry to use
             self._check_fits(state, network, path, record)
             if record is not None and record.get("weights_sha256") not in (None, state_dict_sha256(state)):
                 warnings.warn(

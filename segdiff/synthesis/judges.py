@@ -51,6 +51,8 @@ class SegmenterJudge:
         slice_axis: for a 2D network and 3D cases, the axis cases are sliced along.
         batch_size: network inputs per forward pass.
         device: where it runs.
+        record: the :class:`segdiff.engine.ModelRecord` the weights must match (evaluate.yaml writes
+            ``models/segmenter.json`` beside them); checked before any work.
     """
 
     kind = "unet"
@@ -64,6 +66,7 @@ class SegmenterJudge:
         slice_axis: int = 2,
         batch_size: int = 32,
         device: torch.device | str | None = None,
+        record: Any = None,
     ) -> None:
         require_file(
             weights,
@@ -72,6 +75,8 @@ class SegmenterJudge:
             "or set judge_path",
         )
         self.weights = str(weights)
+        if record is not None:
+            record.verify(network, self.weights)
         self.network = load_weights(network, self.weights, device).to(device or "cpu").eval()
         self.inferer = SegmenterInferer(spatial_dims, image_size, slice_axis, batch_size)
 
@@ -156,17 +161,18 @@ def build_judge(
     slice_axis: int = 2,
     batch_size: int = 32,
     device: torch.device | str | None = None,
+    record: Any = None,
 ) -> SegmenterJudge | DiffusionEnsembleJudge:
     """The judge named by ``judge`` (one of :data:`JUDGES`).
 
-    ``unet`` uses ``network`` with ``weights``; ``image_to_mask`` reads the bundle at ``bundle_dir`` with
+    ``unet`` uses ``network`` with ``weights`` (checked against ``record``); ``image_to_mask`` reads the bundle at ``bundle_dir`` with
     ``overrides``, defaulting its ``num_classes``, ``image_channels``, ``spatial_dims``, ``image_size`` and
     ``slice_axis`` to the generator's (the same data), so only what differs needs overriding.
     """
     if judge not in JUDGES:
         raise ValueError(f"judge must be one of {JUDGES}, got {judge!r}.")
     if judge == "unet":
-        return SegmenterJudge(network, weights, spatial_dims, image_size, slice_axis, batch_size, device)
+        return SegmenterJudge(network, weights, spatial_dims, image_size, slice_axis, batch_size, device, record)
     shared = {
         "num_classes": num_classes,
         "image_channels": image_channels,
