@@ -611,8 +611,11 @@ def test_checkpoint_is_written_every_save_interval_epochs(tmp_path):
 def test_existing_checkpoint_without_resume_stops_before_training(tmp_path):
     engine, _, data = train_with_checkpoint(tmp_path, max_epochs=1)
     engine.run(data, max_epochs=1)
+    engine, model, data = train_with_checkpoint(tmp_path, max_epochs=1, seed=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(RunFolderError, match=rf"{tmp_path / 'checkpoint.pt'} exist\(s\) from an earlier run"):
-        TrainingCheckpoint(tmp_path, {}, torch.nn.Linear(3, 1), resume=False)
+        engine.run(data, max_epochs=1)
+    assert engine.state.iteration == 0 and (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
 def test_a_lone_model_pt_is_protected_like_a_checkpoint(tmp_path):
@@ -627,8 +630,9 @@ def test_a_lone_model_pt_is_protected_like_a_checkpoint(tmp_path):
 def test_resume_without_a_checkpoint_is_an_error_naming_the_path(tmp_path):
     with pytest.raises(RunFolderError, match=rf"resume is true but there is no checkpoint at {tmp_path / 'checkpoint.pt'}"):
         check_run_folder(tmp_path, resume=True)
+    engine, _, data = train_with_checkpoint(tmp_path, max_epochs=1, resume=True)
     with pytest.raises(RunFolderError, match="no checkpoint"):
-        train_with_checkpoint(tmp_path, max_epochs=1, resume=True)
+        engine.run(data, max_epochs=1)
 
 
 def test_resume_restores_epoch_and_weights_and_trains_to_max_epochs(tmp_path):

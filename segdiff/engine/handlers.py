@@ -192,8 +192,8 @@ class TrainingCheckpoint:
         model_filename: str = "model.pt",
         checkpoint_filename: str = "checkpoint.pt",
     ) -> None:
-        check_run_folder(save_dir, resume, overwrite, model_filename, checkpoint_filename)
         self.save_dir = Path(save_dir)
+        self.overwrite = overwrite
         self.save_dict = dict(save_dict)
         self.export_model = export_model
         self.record = record
@@ -207,6 +207,9 @@ class TrainingCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         self.save_dict["trainer"] = engine
+        # checked when training starts, not when the config is parsed: a config may build a trainer it does not run
+        # (evaluate.yaml reuses an existing segmenter); bundle configs check earlier, in initialize
+        engine.add_event_handler(Events.STARTED, self._check_folder)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
@@ -214,6 +217,9 @@ class TrainingCheckpoint:
         if self.best_of is not None:
             self.best_of.add_event_handler(Events.COMPLETED, self._save_if_best, engine)
             engine.add_event_handler(Events.COMPLETED, self._save_final_if_none)
+
+    def _check_folder(self, engine: Engine) -> None:
+        check_run_folder(self.save_dir, self.resume, self.overwrite, self.model_path.name, self.checkpoint_path.name)
 
     # -- helpers ------------------------------------------------------------------------------------------------
     @staticmethod

@@ -93,7 +93,7 @@ def source_case(entry: Mapping[str, Any], source_key: str | None = None) -> str:
     """The real case a synthetic entry was generated from: ``entry[source_key]`` (a case name or a mask path), else
     the entry's ``"case"`` (synthesize.yaml records it), else ``<case>`` of an image named ``<case>_syn<k>``
     (synthesize.yaml's naming), else the label file's case name."""
-    from segdiff.evaluation.image_quality import _SAMPLE_SUFFIX
+    from segdiff.data.naming import source_of_synthetic_case
 
     if source_key is None and "case" in entry:
         source_key = "case"
@@ -103,9 +103,9 @@ def source_case(entry: Mapping[str, Any], source_key: str | None = None) -> str:
         value = str(entry[source_key])
         return case_name(value) or value
     image = entry["image"] if isinstance(entry["image"], str) else entry["image"][0]
-    match = _SAMPLE_SUFFIX.match(case_name(image) or os.path.basename(image))
-    if match:
-        return match.group("case")
+    source = source_of_synthetic_case(image)
+    if source:
+        return source
     return case_name(entry["label"]) or os.path.basename(entry["label"])
 
 

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 # transitional: downstream.source_case still imports this name; naming lives in segdiff.data.naming
-from segdiff.data.naming import _SYNTHETIC_NAME as _SAMPLE_SUFFIX  # noqa: F401
 from segdiff.engine.grid import resize, to_network_units
 
 __all__ = [
