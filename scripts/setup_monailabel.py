@@ -16,8 +16,8 @@ Steps, each skipped when already done:
 3. The app (default ``~/.local/share/segdiff/monailabel-app``): MONAI Label's ``monaibundle`` sample app, with each
    bundle under ``model/<name>``. Every run rewrites the copies' ``configs/`` from this checkout with the MONAI
    Label settings of :data:`MONAILABEL_SETTINGS` and the ``--set`` overrides (comments are not kept; edit the bundle
-   and re-run); bundles of :data:`SERVE_ONLY` get no train configs. ``models/`` is copied only the first time or
-   from ``--weights``: weights trained by MONAI Label stay.
+   and re-run). ``models/`` is copied only the first time or from ``--weights`` (with the weights' record,
+   ``<name>.json`` beside them, as ``models/model.json``): weights trained by MONAI Label stay.
 4. ``monailabel start_server`` on 127.0.0.1 with the offline flags (``--conf zoo_source github --conf sam2 false``).
 
 docs/monailabel.md describes what the server answers; tests/test_monailabel_server.py runs it end to end.
@@ -100,21 +100,24 @@ REQUIREMENTS = (
     "wheel",
 )
 
+#: what every /train of a MONAI Label copy needs: each request is a new run in the same folder (MONAI Label loads
+#: the served model.pt first); the data checks name the datastore, not a datalist file; the learning-rate schedule
+#: spans the request's epochs (MONAI Label sets train#trainer#max_epochs, not max_epochs)
+MONAILABEL_TRAINING = {
+    "overwrite": True,
+    "datalist": "MONAI Label datastore",
+    "lr_scheduler#t_total": "$@train#trainer#max_epochs * len(@train#dataloader)",
+}
 #: settings every MONAI Label copy gets, before the --set overrides: bundle -> config file -> key -> value
 MONAILABEL_SETTINGS = {
-    "image_to_mask": {
-        # every /train is a new run in the same folder; its data checks name the datastore, not a datalist file
-        "train.yaml": {"overwrite": True, "datalist": "MONAI Label datastore"},
-    },
+    "image_to_mask": {"train.yaml": MONAILABEL_TRAINING},
     "mask_to_image": {
-        # the study is the mask, under 'image'; nothing is written, MONAI Label returns pred
+        # training: the datastore's labelled studies are real images (target) and their labels (condition)
+        "train.yaml": MONAILABEL_TRAINING,
+        # inference: the study is the mask, under 'image'; nothing is written, MONAI Label returns pred
         "inference.yaml": {"mask_key": "image"},
     },
 }
-#: bundles MONAI Label only serves: their copies get no train configs, so it offers no /train for them
-#: (mask_to_image's train.yaml checks a datalist file that a MONAI Label run lacks: train it with the CLI)
-SERVE_ONLY = ("mask_to_image",)
-TRAIN_CONFIGS = ("train.yaml", "train.json", "multi_gpu_train.yaml", "multi_gpu_train.json")
 CONFIG_FILES = ("inference.yaml", "train.yaml")
 STAMP = "segdiff-monailabel.json"
 SOURCE_STAMP = "segdiff-source.sha256"
@@ -270,6 +273,21 @@ def write_app_config(source: Path, target: Path, overrides: dict) -> None:
     target.write_text(header + yaml.safe_dump(config, sort_keys=False, width=120))
 
 
+def copy_weights(source: Path, target: Path) -> None:
+    """Copy weights and their record (``source`` with ``.json``, written by training beside ``model.pt``) to
+    ``target`` and ``target`` with ``.json``. Weights without a record remove the target's old one, which describes
+    other weights. MONAI Label offers only ``models/*.pt`` as model files, so the ``.json`` is never loaded as one."""
+    source, target = Path(source), Path(target)
+    record, target_record = source.with_suffix(".json"), target.with_suffix(".json")
+    shutil.copy2(source, target)
+    if record.is_file():
+        shutil.copy2(record, target_record)
+    else:
+        target_record.unlink(missing_ok=True)
+        print(f"warning: {source} has no record ({record.name}): {target} is served without one, its settings unchecked",
+              flush=True)
+
+
 def prepare_app(
     venv: Path,
     app: Path,
@@ -294,9 +312,6 @@ def prepare_app(
             shutil.copytree(source / folder, target / folder, ignore=shutil.ignore_patterns("__pycache__"))
         if (source / "LICENSE").exists():
             shutil.copy2(source / "LICENSE", target / "LICENSE")
-        if name in SERVE_ONLY:
-            for config in TRAIN_CONFIGS:
-                (target / "configs" / config).unlink(missing_ok=True)
         for config in CONFIG_FILES:
             if (target / "configs" / config).exists():
                 settings = {**MONAILABEL_SETTINGS.get(name, {}).get(config, {}), **overrides}
@@ -306,7 +321,7 @@ def prepare_app(
             shutil.copytree(source / "models", models, ignore=shutil.ignore_patterns(".gitkeep"))
         models.mkdir(parents=True, exist_ok=True)
         if name in weights:
-            shutil.copy2(weights[name], models / "model.pt")
+            copy_weights(weights[name], models / "model.pt")
         if not (models / "model.pt").exists():
             print(f"warning: {models / 'model.pt'} missing: MONAI Label will not offer {name} for inference", flush=True)
     return app

@@ -1,6 +1,6 @@
 """A real MONAI Label 0.8.5 server, set up and started as scripts/setup_monailabel.py does, serving both bundles with
-tiny weights on a free loopback port: /info, /infer (segmentation, uncertainty, a generated image) and /train answer
-200, and the returned volumes lie on the study's grid.
+tiny weights on a free loopback port: /info, /infer (segmentation, uncertainty, a generated image) and /train of both
+bundles answer 200, training writes new weights with their record, and the returned volumes lie on the study's grid.
 
 The server runs in its own venv, built by the script on first use (about 8 minutes, then cached under
 ~/.cache/segdiff; CI builds it in .ci/run before the tests). If it cannot be built, these tests fail with the reason.
@@ -133,7 +133,7 @@ def server(venv, tmp_path_factory):
     # disagreement: a fraction of the members, so the map shows how many members the request asked for; validation
     # every 5 epochs (the default) does not run in a 1-epoch /train, which must still write model.pt
     training = {k: v for k, v in TINY_TRAINING.items() if k != "val_interval"}
-    bundles = {"image_to_mask": {**small, **training, "uncertainty": "disagreement"}, "mask_to_image": small}
+    bundles = {"image_to_mask": {**small, **training, "uncertainty": "disagreement"}, "mask_to_image": {**small, **training}}
     app = setup.prepare_app(venv, root / "app", bundles, weights)
 
     port = free_port()
@@ -184,7 +184,11 @@ def test_info_lists_both_bundles_their_labels_and_per_request_settings(server):
     assert segmenter["config"]["num_members"] == 5 and segmenter["config"]["output"] == "seg"
     assert "num_inference_steps" in segmenter["config"]
     assert {"num_inference_steps", "seed"} <= set(info["models"]["mask_to_image"]["config"])
-    assert list(info["trainers"]) == ["image_to_mask"]  # mask_to_image trains with the CLI (docs/monailabel.md)
+    assert sorted(info["trainers"]) == ["image_to_mask", "mask_to_image"]
+    # MONAI Label offers models/*.pt as model files: a record (models/model.json) is never among them
+    for name, trainer in info["trainers"].items():
+        assert trainer["config"]["model_filename"][0] == "model.pt", name
+        assert not [f for f in trainer["config"]["model_filename"] if not f.endswith(".pt")], name
 
 
 def test_infer_returns_a_label_volume_on_the_study_grid(server):
@@ -237,6 +241,75 @@ def test_train_writes_a_new_model_that_starts_from_the_served_weights_again_and_
         assert trainer["max_epochs"] == 1 and trainer["iteration"] == trainer["epoch_length"]  # one epoch, this run's
     seg = infer(server, "image_to_mask", "case3", num_members=2, num_inference_steps=2)  # serves the new model
     assert_on_study_grid(seg, server["studies"] / "case3.nii.gz")
+
+
+def test_train_mask_to_image_writes_a_new_model_and_its_record_and_both_models_still_answer(server):
+    from monai.bundle import ConfigParser
+
+    from segdiff.engine.provenance import state_dict_sha256
+
+    models = server["app"] / "model" / "mask_to_image" / "models"
+    served = torch.load(server["weights"]["mask_to_image"], weights_only=True)
+    before = (models / "model.pt").stat()
+    status, content = call(server["url"], "POST", "/train/mask_to_image?run_sync=true",
+                           body={"max_epochs": 1, "device": "cpu", "multi_gpu": False})
+    assert status == 200, f"/train/mask_to_image answered {status}: {content[:2000]!r}\n{server['log_tail']()}"
+    after = (models / "model.pt").stat()
+    assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns), "no new models/model.pt"
+    trained = torch.load(models / "model.pt", weights_only=True)
+    assert set(trained) == set(served)
+    assert max((trained[k].float() - served[k].float()).abs().max().item() for k in served) < 1e-2  # from served
+    record = json.loads((models / "model.json").read_text())
+    assert record["weights_sha256"] == state_dict_sha256(trained)
+    assert record["settings"]["bundle"] == "mask_to_image" and record["settings"]["target"] == "image"
+    trainer = torch.load(models / "checkpoint.pt", weights_only=False)["trainer"]
+    assert trainer["max_epochs"] == 1 and trainer["iteration"] == trainer["epoch_length"]
+    # the record passes the check the served inference config makes before sampling (it raises on a difference)
+    config = ConfigParser()
+    config.read_config(str(models.parent / "configs" / "inference.yaml"))
+    config["bundle_root"] = str(models.parent)
+    assert config.get_parsed_content("model_record").verify(config.get_parsed_content("network_def")) is not None
+
+    # the new model (checked against its record) and image_to_mask's still answer
+    image = infer(server, "mask_to_image", "mask4", num_inference_steps=2, seed=3)
+    assert_on_study_grid(image, server["studies"] / "mask4.nii.gz")
+    assert np.asarray(image.dataobj).std() > 0
+    seg = infer(server, "image_to_mask", "case3", num_members=2, num_inference_steps=2)
+    assert_on_study_grid(seg, server["studies"] / "case3.nii.gz")
+
+
+def test_prepare_app_copies_the_weights_record_and_drops_a_stale_one(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "main.py").write_text("")  # an app laid out before: the sample app is not copied again
+    weights = tmp_path / "run" / "models" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    torch.save({"w": torch.zeros(1)}, weights)
+    (weights.with_suffix(".json")).write_text('{"format": "record"}')
+    models = app / "model" / "mask_to_image" / "models"
+
+    setup.prepare_app(tmp_path / "no-venv", app, {"mask_to_image": {}}, {"mask_to_image": weights})
+    assert (models / "model.json").read_text() == '{"format": "record"}'
+
+    other = tmp_path / "other.pt"  # weights without a record: the old record described other weights
+    torch.save({"w": torch.ones(1)}, other)
+    setup.prepare_app(tmp_path / "no-venv", app, {"mask_to_image": {}}, {"mask_to_image": other})
+    assert (models / "model.pt").read_bytes() == other.read_bytes()
+    assert not (models / "model.json").exists()
+
+
+def test_the_app_copies_get_train_configs_with_the_monailabel_training_settings(tmp_path):
+    import yaml
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "main.py").write_text("")
+    setup.prepare_app(tmp_path / "no-venv", app, {"image_to_mask": {}, "mask_to_image": {}})
+    for name in ("image_to_mask", "mask_to_image"):
+        config = yaml.safe_load((app / "model" / name / "configs" / "train.yaml").read_text())
+        assert config["overwrite"] is True and config["datalist"] == "MONAI Label datastore", name
+        assert config["lr_scheduler"]["t_total"].startswith("$@train#trainer#max_epochs"), name
+        assert (app / "model" / name / "configs" / "multi_gpu_train.yaml").exists(), name
 
 
 def test_a_venv_that_cannot_be_built_raises_with_the_failing_step(tmp_path):
