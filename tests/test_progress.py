@@ -12,6 +12,7 @@ from ignite.handlers import ProgressBar
 from segdiff.engine import TrainingProgress
 from segdiff.engine import progress as progress_module
 from segdiff.engine.progress import format_duration
+from segdiff.errors import SegdiffError
 
 
 class FakeClock:
@@ -93,6 +94,12 @@ def test_a_terminal_gets_ignites_progress_bar_and_no_log_lines(clock):
     text = stream.getvalue()
     assert "Epoch [2/2]" in text and "loss=" in text  # tqdm's bar on our stream, with the loss
     assert "ETA" not in text and "finished" not in text
+
+
+@pytest.mark.parametrize("settings", [{"interval_seconds": -1}, {"interval_epochs": 0}])
+def test_a_negative_or_zero_interval_is_refused_naming_the_key(settings):
+    with pytest.raises(SegdiffError, match=next(iter(settings))):
+        TrainingProgress(**settings)
 
 
 def test_format_duration_uses_the_fewest_units():

@@ -16,6 +16,8 @@ from typing import IO, Any
 
 from ignite.engine import Engine, Events
 
+from segdiff.errors import ConfigKeyError
+
 __all__ = ["TrainingProgress", "format_duration"]
 
 
@@ -73,9 +75,9 @@ class TrainingProgress:
         output_transform: Callable[[Any], float | None] = engine_loss,
     ) -> None:
         if interval_seconds is not None and interval_seconds < 0:
-            raise ValueError(f"interval_seconds must be >= 0 or None, got {interval_seconds}")
+            raise ConfigKeyError(f"TrainingProgress: interval_seconds must be >= 0 or null, got {interval_seconds}")
         if interval_epochs is not None and int(interval_epochs) < 1:
-            raise ValueError(f"interval_epochs must be >= 1 or None, got {interval_epochs}")
+            raise ConfigKeyError(f"TrainingProgress: interval_epochs must be >= 1 or null, got {interval_epochs}")
         self.interval_seconds = interval_seconds or None
         self.interval_epochs = int(interval_epochs) if interval_epochs else None
         self.stream = stream
