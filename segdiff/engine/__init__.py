@@ -1,5 +1,6 @@
 """The conditional-diffusion engine shared by every bundle: batch preparation, sampling, training handlers."""
 
+from .dpm_solver import DPMSolverScheduler
 from .handlers import (
     CopyWeights,
     GradientClipping,
