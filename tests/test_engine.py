@@ -102,8 +102,8 @@ def test_build_scheduler_returns_the_named_scheduler_with_the_training_schedule(
 
 
 def test_build_scheduler_rejects_an_unknown_name_naming_the_key():
-    with pytest.raises(ValueError, match=r"'sampler' must be one of 'ddpm', 'ddim'; got 'euler'"):
-        scheduler_for("euler")
+    with pytest.raises(ValueError, match=r"'sampler' must be one of 'ddpm', 'ddim', 'dpm_solver', 'euler'; got 'heun'"):
+        scheduler_for("heun")
     with pytest.raises(ValueError, match=r"'prediction_type' must be one of 'epsilon', 'v_prediction', 'sample'; got 'x0'"):
         scheduler_for("ddim", prediction_type="x0")
 

@@ -15,14 +15,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 from tqdm.auto import tqdm
 
+from segdiff.engine.dpm_solver import TIMESTEP_SPACINGS, DPMSolverScheduler
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 
 __all__ = ["CONDITION_KINDS", "SAMPLERS", "ConditionalDiffusionSampler", "build_scheduler"]
 
-SAMPLERS = ("ddpm", "ddim")
+#: ``euler`` is MONAI's RFlowScheduler, for networks trained as rectified flows; the others for DDPM-trained networks
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler")
 #: what the condition of a model is, which decides how it is resized to the model size (see ``grid.resize``)
 CONDITION_KINDS = ("mask", "image")
 
@@ -36,17 +38,41 @@ def build_scheduler(
     beta_end: float,
     prediction_type: str,
     clip_sample: bool = True,
+    timestep_spacing: str | None = None,
 ) -> Scheduler:
-    """A MONAI scheduler by name (``"ddpm"`` or ``"ddim"``) for the network's noise schedule and ``prediction_type``
-    (``"epsilon"``, ``"v_prediction"`` or ``"sample"``).
+    """A scheduler by name for the network's noise schedule and ``prediction_type`` (``"epsilon"``,
+    ``"v_prediction"`` or ``"sample"``): MONAI's ``"ddpm"`` or ``"ddim"``, ``"dpm_solver"``
+    (:class:`segdiff.engine.DPMSolverScheduler`, DPM-Solver++ 2M, 10-20 steps) or ``"euler"`` (MONAI's
+    ``RFlowScheduler``, Euler steps of a rectified flow).
 
     The schedule has no defaults on purpose: bundle configs pass their one ``noise_schedule`` mapping
-    (``**@noise_schedule``), the same that training's ``noise_scheduler`` is built from.
+    (``**@noise_schedule``), the same that training's ``noise_scheduler`` is built from. A rectified flow has no beta
+    schedule and its network predicts a velocity whatever ``prediction_type`` says: for ``"euler"`` only
+    ``num_train_timesteps`` is used.
+
+    Args:
+        timestep_spacing: for ``"dpm_solver"``: ``"logsnr"`` (None, the default: uniform in log-SNR) or
+            ``"time_uniform"``; checked for every sampler, used by ``"dpm_solver"`` only.
     """
     from segdiff.config import choice
 
     choice("sampler", sampler, SAMPLERS)
     choice("prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
+    if timestep_spacing is not None:
+        choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    if sampler == "euler":
+        # integer timesteps, as a DiffusionModelUNet trained with RFlowScheduler.sample_timesteps saw them
+        return RFlowScheduler(num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True)
+    if sampler == "dpm_solver":
+        return DPMSolverScheduler(
+            num_train_timesteps=num_train_timesteps,
+            schedule=schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            clip_sample=clip_sample,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing or "logsnr",
+        )
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
     return cls(
         num_train_timesteps=num_train_timesteps,
@@ -74,8 +100,9 @@ class ConditionalDiffusionSampler:
     autocast on CUDA and one progress bar across all chunks.
 
     Args:
-        scheduler: a MONAI DDPM or DDIM scheduler (see :func:`build_scheduler`).
-        num_inference_steps: denoising steps (1000 for full DDPM; 25-100 for DDIM).
+        scheduler: a MONAI DDPM, DDIM or RFlow scheduler or a :class:`DPMSolverScheduler` (see :func:`build_scheduler`).
+        num_inference_steps: denoising steps (1000 for full DDPM; 25-100 for DDIM; 10-20 for DPM-Solver; 10-30 for
+            Euler on a rectified flow).
         target_channels: channels of the generated tensor (image channels, or encoded mask channels).
         spatial_dims: 2 or 3, the network's spatial dimensions.
         image_size: spatial size the network was trained on; the condition is resized to it and samples back.
@@ -84,8 +111,9 @@ class ConditionalDiffusionSampler:
         num_samples: samples drawn per case (ensemble members), generated together.
         slice_axis: for a 2D network and 3D input, the spatial axis the volume is cut along.
         batch_size: network inputs per forward pass (slices x samples are split into chunks of this size).
-        strength: 1.0 starts from pure noise; below 1, sampling starts from ``initial`` noised to timestep
-            ``strength * num_train_timesteps`` (SDEdit): lower keeps more of the real image.
+        strength: 1.0 starts from pure noise; below 1, sampling starts from ``initial`` noised (by the scheduler's
+            own ``add_noise``) to the first of its timesteps at or below ``strength * (num_train_timesteps - 1)``
+            (SDEdit): lower keeps more of the real image.
         conditional: False for an unconditional model (``inputs`` then only gives the output grid).
         amp: autocast (bf16 where supported, else fp16) when running on CUDA.
         seed: seed of the sampling noise; every call restarts from it, so a case's samples do not depend on the order
@@ -172,10 +200,17 @@ class ConditionalDiffusionSampler:
             # the spacing of diffusers' and Konz et al.'s DDIM).
             stride = self.scheduler.num_train_timesteps // self.num_inference_steps
             self.scheduler.timesteps = torch.arange(self.num_inference_steps - 1, -1, -1, device=device) * stride
+        # DPM-Solver and RFlow keep the timesteps of their own set_timesteps
         timesteps = self.scheduler.timesteps
         if self.strength < 1.0:
             start = int(round(self.strength * (self.scheduler.num_train_timesteps - 1)))
-            timesteps = timesteps[timesteps <= start]
+            kept = timesteps[timesteps <= start]
+            if len(kept) == 0:
+                raise ValueError(
+                    f"strength {self.strength} starts at timestep {start}, below the lowest of the sampler's "
+                    f"{self.num_inference_steps} timesteps ({int(timesteps.min())}): raise strength or num_inference_steps."
+                )
+            timesteps = kept
         return timesteps
 
     @torch.no_grad()
@@ -196,11 +231,21 @@ class ConditionalDiffusionSampler:
             if initial is None:
                 raise ValueError("strength < 1 needs a real image to start from (the 'initial' input).")
             x = self.scheduler.add_noise(initial.to(device, torch.float32), x, timesteps[:1].repeat(x.shape[0]))
-        for t in timesteps:
+        flow = isinstance(self.scheduler, RFlowScheduler)
+        for i, t in enumerate(timesteps):
             model_input = x if condition is None else torch.cat([x, condition], dim=1)
+            # integer timesteps stay integers (DDPM, DDIM, DPM-Solver, discrete RFlow); a continuous-time RFlow's go
+            # to the network as float32, as DiffusionInferer passes them
+            dtype = torch.float32 if t.is_floating_point() else t.dtype
+            t_batch = torch.full((x.shape[0],), t.item(), dtype=dtype, device=device)
             with _autocast(device, self.amp):
-                eps = network(model_input, timesteps=torch.full((x.shape[0],), int(t), device=device))
-            x, _ = self.scheduler.step(eps.float(), int(t), x, generator=generator)
+                output = network(model_input, timesteps=t_batch)
+            if flow:
+                # Euler steps from t to the next timestep, the last one to 0 (the data), as DiffusionInferer does
+                next_t = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)
+                x, _ = self.scheduler.step(output.float(), t, x, next_t)
+            else:
+                x, _ = self.scheduler.step(output.float(), int(t), x, generator=generator)
             if progress_bar is not None:
                 progress_bar.update(1)
         return x
