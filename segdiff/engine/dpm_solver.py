@@ -24,10 +24,11 @@ Choices:
   training. ``set_timesteps(n)`` builds a grid of n + 1 points from the last training timestep down to timestep 0
   and evaluates the network at the first n (the last point only fixes the spacing; the final step goes to the end
   point below). ``timestep_spacing="logsnr"`` (default) places the points uniformly in lambda, t interpolated
-  linearly over lambda and rounded to the nearest integer; ``"time_uniform"`` places them uniformly in t. Where two round to the same integer (many steps, near t = 0, where lambda changes fastest)
-  they are pushed apart by one, so the timesteps stay strictly decreasing and their count is the requested one. The
-  step uses the alpha-bar of the integer timesteps themselves, so rounding moves where the solver evaluates, never
-  the consistency of a step. 10 logsnr steps: 999, 898, 785, 653, 492, 302, 138, 52, 17, 4.
+  linearly over lambda and rounded to the nearest integer; ``"time_uniform"`` places them uniformly in t. Where two
+  round to the same integer (many steps, near t = 0, where lambda changes fastest) they are pushed apart by one, so
+  the timesteps stay strictly decreasing and their count is the requested one. The step uses the alpha-bar of the
+  integer timesteps themselves, so rounding moves where the solver evaluates, never the consistency of a step. 10
+  logsnr steps: 999, 898, 785, 653, 492, 302, 138, 52, 17, 4.
 - The path ends on the clean sample: with ``set_alpha_to_one=True`` (the default, as in MONAI's DDIM) the final step
   goes from the lowest timestep to alpha-bar = 1, where the update reduces to x = x0: the sample is the network's
   clean prediction there. With ``set_alpha_to_one=False`` it lands on ``alphas_cumprod[0]`` instead. Spending the
@@ -201,7 +202,9 @@ class DPMSolverScheduler(Scheduler):
             the sample at the next timestep, and this step's x0 prediction.
         """
         if self.num_inference_steps is None:
-            raise RuntimeError("DPMSolverScheduler.step() needs the timesteps: call set_timesteps(num_inference_steps) first.")
+            raise RuntimeError(
+                "DPMSolverScheduler.step() needs the timesteps: call set_timesteps(num_inference_steps) first."
+            )
         t = int(timestep)
         try:
             index = self._grid.index(t)

@@ -208,7 +208,8 @@ class ConditionalDiffusionSampler:
             if len(kept) == 0:
                 raise ValueError(
                     f"strength {self.strength} starts at timestep {start}, below the lowest of the sampler's "
-                    f"{self.num_inference_steps} timesteps ({int(timesteps.min())}): raise strength or num_inference_steps."
+                    f"{self.num_inference_steps} timesteps ({int(timesteps.min())}): raise strength or "
+                    "num_inference_steps."
                 )
             timesteps = kept
         return timesteps
