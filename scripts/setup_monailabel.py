@@ -38,6 +38,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+try:
+    from segdiff.errors import SegdiffError
+except ImportError:  # a python without monai-segdiff (the first build): its top level is stdlib only, use the checkout's
+    sys.path.append(str(REPO))
+    from segdiff.errors import SegdiffError
 BUNDLES = REPO / "bundles"
 MONAILABEL_VERSION = "0.8.5"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segdiff"
@@ -123,8 +128,16 @@ STAMP = "segdiff-monailabel.json"
 SOURCE_STAMP = "segdiff-source.sha256"
 
 
-class VenvBuildError(RuntimeError):
+class VenvBuildError(SegdiffError, RuntimeError):
     """The MONAI Label venv could not be built; the message says which step failed and where its log is."""
+
+
+class AppSetupError(SegdiffError, FileNotFoundError):
+    """The app cannot be laid out: a bundle or MONAI Label's sample app is missing."""
+
+
+class OverrideError(SegdiffError, ValueError):
+    """A ``--set`` key cannot be set in a bundle config (a part of its path is neither a mapping nor a list)."""
 
 
 def venv_python(venv: Path) -> Path:
@@ -243,20 +256,30 @@ def parse_value(text: str):
 
 
 def set_config_item(config: dict, key: str, value, where: str = "config") -> None:
-    """Set ``key`` (MONAI's nested id, ``network_def#channels`` or ``train#handlers#0``) in a loaded config."""
+    """Set ``key`` (MONAI's nested id, ``network_def#channels`` or ``train#handlers#0``) in a loaded config; missing
+    mapping keys on the way are created. Raises :class:`OverrideError` naming the part of ``key`` that cannot hold
+    it (a value that is neither a mapping nor a list, or a list index that is not one)."""
     parts = key.split("#")
     node = config
-    for depth, part in enumerate(parts[:-1]):
+    for depth, part in enumerate(parts):
+        if not isinstance(node, (dict, list)):
+            raise OverrideError(f"{where}: cannot set {key!r}: {'#'.join(parts[:depth])!r} is "
+                                f"{type(node).__name__}, neither a dict nor a list")
         if isinstance(node, list):
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
+            try:
+                index = int(part)
+                node[index]
+            except (ValueError, IndexError):
+                raise OverrideError(f"{where}: cannot set {key!r}: {'#'.join(parts[:depth])!r} is a list of "
+                                    f"{len(node)}, and {part!r} is not an index into it") from None
+            if depth == len(parts) - 1:
+                node[index] = value
+            else:
+                node = node[index]
+        elif depth == len(parts) - 1:
+            node[part] = value
         else:
-            raise KeyError(f"{where}: cannot set {key!r}: {'#'.join(parts[: depth + 1])!r} is neither a dict nor a list")
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
+            node = node.setdefault(part, {})
 
 
 def write_app_config(source: Path, target: Path, overrides: dict) -> None:
@@ -301,12 +324,12 @@ def prepare_app(
     sample = Path(venv) / "monailabel" / "sample-apps" / "monaibundle"
     if not (app / "main.py").exists():
         if not sample.is_dir():
-            raise FileNotFoundError(f"{sample}: MONAI Label's monaibundle sample app is missing from {venv}")
+            raise AppSetupError(f"{sample}: MONAI Label's monaibundle sample app is missing from {venv}")
         shutil.copytree(sample, app, ignore=shutil.ignore_patterns("__pycache__", "model", "logs"), dirs_exist_ok=True)
     for name, overrides in bundles.items():
         source, target = Path(bundles_dir) / name, app / "model" / name
         if not (source / "configs").is_dir():
-            raise FileNotFoundError(f"{source}: no such bundle (expected {source / 'configs'})")
+            raise AppSetupError(f"{source}: no such bundle (expected {source / 'configs'})")
         for folder in ("configs", "docs"):
             shutil.rmtree(target / folder, ignore_errors=True)
             shutil.copytree(source / folder, target / folder, ignore=shutil.ignore_patterns("__pycache__"))

@@ -27,6 +27,8 @@ import pytest
 import torch
 from bundle_utils import TINY_NETWORK, TINY_TRAINING, write_dataset
 
+from segdiff.errors import SegdiffError
+
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 4  # the bundles' default, so that MONAI Label's label names (from metadata.json) fit the data
 SERVER_START_TIMEOUT = 180
@@ -313,6 +315,7 @@ def test_the_app_copies_get_train_configs_with_the_monailabel_training_settings(
 
 
 def test_a_venv_that_cannot_be_built_raises_with_the_failing_step(tmp_path):
+    assert issubclass(setup.VenvBuildError, SegdiffError)
     with pytest.raises(setup.VenvBuildError, match="creating the venv failed"):
         setup.ensure_venv(tmp_path / "venv", python=str(tmp_path / "no-such-python"), quiet=True)
     assert not setup.venv_ready(tmp_path / "venv")
@@ -329,6 +332,17 @@ def test_set_overrides_go_to_one_bundle_or_to_all(tmp_path):
     setup.set_config_item(config, "network_def#channels", [8, 16])
     setup.set_config_item(config, "handlers#0#a", 2)
     assert config == {"network_def": {"channels": [8, 16]}, "handlers": [{"a": 2}]}
+
+
+def test_an_override_or_a_bundle_that_cannot_be_used_is_a_segdiff_refusal(tmp_path):
+    with pytest.raises(SegdiffError, match="'channels' is int, neither a dict nor a list"):
+        setup.set_config_item({"channels": 3}, "channels#0", 8)
+    with pytest.raises(SegdiffError, match="'handlers' is a list of 1, and '2' is not an index into it"):
+        setup.set_config_item({"handlers": [{}]}, "handlers#2#a", 8)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "main.py").write_text("")
+    with pytest.raises(SegdiffError, match="no such bundle"):
+        setup.prepare_app(tmp_path / "no-venv", tmp_path / "app", {"no_such_bundle": {}})
 
 
 def test_setup_script_refuses_a_missing_studies_folder_before_any_work(tmp_path, capsys):
