@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -25,14 +26,25 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "bundles" / "mask_to_image"
 
 
-def bundle_run(config_files: list[str], overrides: dict, run_id: str | None = None) -> None:
-    """``python -m monai.bundle run [run_id] --config_file [...] --key value ...`` in the bundle folder; values are
+def bundle_command(config_files: list[str], overrides: dict, run_id: str | None = None) -> list[str]:
+    """``python -m monai.bundle run [run_id] --config_file [...] --key value ...``, with this interpreter; values are
     passed as written (Python literals)."""
     command = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else [])
-    command += ["--config_file", repr(config_files)]
+    command += ["--config_file", json.dumps(config_files)]  # a Python literal with double quotes: pastes cleanly
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
-    print("\n$ " + " ".join(command[1:]), flush=True)
+    return command
+
+
+def shell_line(command: list[str], cwd: Path = BUNDLE) -> str:
+    """``command`` as a line to paste into a POSIX shell: ``cd <cwd> && <command>``, every word quoted as needed."""
+    return f"cd {shlex.quote(str(cwd))} && {shlex.join(command)}"
+
+
+def bundle_run(config_files: list[str], overrides: dict, run_id: str | None = None) -> None:
+    """Run :func:`bundle_command` in the bundle folder, printing it first as a line that reruns the stage."""
+    command = bundle_command(config_files, overrides, run_id)
+    print("\n$ " + shell_line(command), flush=True)
     subprocess.run(command, cwd=BUNDLE, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
@@ -71,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    import yaml
 
     from segdiff.data.demo import write_demo_data
 
@@ -100,28 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     bundle_run(configs("inference"), dict(common, overwrite=True))
     timings["sampling"] = time.time() - t
 
-    # evaluate.yaml has no diffusion network: pass it the preset's other keys (image_size, segmenter settings)
     t = time.time()
-    preset_keys = yaml.safe_load((REPO / "configs" / f"demo_{preset}.yaml").read_text())
-    evaluate = {k: repr(v) for k, v in preset_keys.items() if not k.startswith("network_def")}
-    bundle_run(["configs/evaluate.yaml"], dict(common, **evaluate))
+    bundle_run(configs("evaluate"), common)  # the preset's image_size and segmenter settings; its network keys unused
     timings["evaluation"] = time.time() - t
 
     figure = output / "figure.png"
     write_figure(datalist, data_dir, generated_dir, figure)
     report = json.loads((report_dir / "faithfulness.json").read_text())
-    table = (report_dir / "faithfulness.md").read_text().split("\n", 2)[2]
 
     print("\n" + "=" * 100)
     print(f"demo finished in {(time.time() - started) / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ")")
     print(f"  data:             {data_dir}")
     print(f"  trained weights:  {bundle_root / 'models' / 'model.pt'} (EMA), resumable checkpoint beside it")
-    print(f"  TensorBoard:      tensorboard --logdir {bundle_root / 'outputs' / 'tensorboard'}")
+    print(f"  TensorBoard:      tensorboard --logdir {shlex.quote(str(bundle_root / 'outputs' / 'tensorboard'))}")
     print(f"  generated images: {generated_dir}")
     print(f"  evaluation:       {report_dir / 'faithfulness.json'}, {report_dir / 'faithfulness.md'}")
     print(f"  figure:           {figure}  (mask | generated | real)")
-    print("\nFaithfulness (Dice of a reference UNet segmenter trained on real images):\n" + table)
-    print(f"mean Dice generated {report['generated']['mean_dice']} vs real-image ceiling {report['real']['mean_dice']}")
+    # the evaluation stage printed the table above; the summary line only
+    print(f"\nfaithfulness (Dice of a reference UNet segmenter trained on real images; table in faithfulness.md): "
+          f"mean Dice generated {report['generated']['mean_dice']} vs real-image ceiling {report['real']['mean_dice']}")
     return 0
 
 
