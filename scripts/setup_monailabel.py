@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 try:
     from segdiff.errors import SegdiffError
-except ImportError:  # a python without monai-segdiff (the first build): its top level is stdlib only, use the checkout's
+except ImportError:  # a python without monai-segdiff (the first build): use the checkout's (its top level is stdlib)
     sys.path.append(str(REPO))
     from segdiff.errors import SegdiffError
 BUNDLES = REPO / "bundles"
@@ -307,8 +307,8 @@ def copy_weights(source: Path, target: Path) -> None:
         shutil.copy2(record, target_record)
     else:
         target_record.unlink(missing_ok=True)
-        print(f"warning: {source} has no record ({record.name}): {target} is served without one, its settings unchecked",
-              flush=True)
+        print(f"warning: {source} has no record ({record.name}): {target} is served without one, its settings "
+              "unchecked", flush=True)
 
 
 def prepare_app(
