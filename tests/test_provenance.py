@@ -287,3 +287,23 @@ def test_the_cpu_preset_can_follow_every_config(configs, tmp_path):
         else:
             assert type(network).__name__ == "UNet"
     assert parser.get_parsed_content("image_size") == [64, 76]
+
+
+# ---- the fast sampler from the command line (issue 11's DPM-Solver++, wired into the bundles) ---------------------
+@pytest.mark.parametrize("bundle, folder, suffix", [("mask_to_image", "m2i", "_image.nii.gz"), ("image_to_mask", "i2m", "_seg.nii.gz")])
+def test_dpm_solver_samples_from_the_command_line_on_the_input_grid(trained, bundle, folder, suffix):
+    out = trained / folder / "dpm_solver"
+    run_bundle(bundle, ["inference.yaml"], **settings(trained / "data", trained / folder, output_dir=str(out),
+                                                      sampler="dpm_solver", num_inference_steps=4))
+    data = json.loads((trained / "data" / "datalist.json").read_text())
+    for entry in data["test"]:
+        name = entry["label"].split("/")[-1][: -len(".nii.gz")]
+        written, source = nib.load(str(out / f"{name}{suffix}")), nib.load(str(trained / "data" / entry["label"]))
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine, atol=1e-5)
+        assert np.isfinite(written.get_fdata()).all()
+
+
+def test_euler_is_refused_for_a_ddpm_model_naming_the_samplers_that_fit(trained):
+    raises_with("'sampler' must be one of 'ddpm', 'ddim', 'dpm_solver'; got 'euler'", run_bundle, "mask_to_image",
+                ["inference.yaml"], **settings(trained / "data", trained / "m2i", sampler="euler",
+                                               output_dir=str(trained / "m2i" / "euler")))

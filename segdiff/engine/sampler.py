@@ -21,9 +21,12 @@ from tqdm.auto import tqdm
 from segdiff.engine.dpm_solver import TIMESTEP_SPACINGS, DPMSolverScheduler
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 
-__all__ = ["CONDITION_KINDS", "SAMPLERS", "ConditionalDiffusionSampler", "build_scheduler"]
+__all__ = ["CONDITION_KINDS", "DDPM_SAMPLERS", "SAMPLERS", "ConditionalDiffusionSampler", "build_scheduler"]
 
 #: ``euler`` is MONAI's RFlowScheduler, for networks trained as rectified flows; the others for DDPM-trained networks
+#: the samplers of a model trained with the discrete DDPM forward process (the bundles' ``noise_schedule``);
+#: ``euler`` samples rectified-flow models only
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm_solver")
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler")
 #: what the condition of a model is, which decides how it is resized to the model size (see ``grid.resize``)
 CONDITION_KINDS = ("mask", "image")
