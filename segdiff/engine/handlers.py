@@ -124,6 +124,7 @@ def check_run_folder(
     overwrite: bool = False,
     model_filename: str = "model.pt",
     checkpoint_filename: str = "checkpoint.pt",
+    quiet: bool = False,
 ) -> None:
     """Refuse a training run that would silently replace an earlier run's files, before anything is cached or written.
 
@@ -150,7 +151,7 @@ def check_run_folder(
             "them. Set 'resume' to true to continue that run (needs its checkpoint), 'overwrite' to true to replace "
             "them, or choose another bundle_root (e.g. --bundle_root runs/new)."
         )
-    if earlier:
+    if earlier and not quiet:
         logger.warning(f"overwrite is true: this run replaces {', '.join(map(str, earlier))}")
 
 
@@ -219,7 +220,7 @@ class TrainingCheckpoint:
             engine.add_event_handler(Events.COMPLETED, self._save_final_if_none)
 
     def _check_folder(self, engine: Engine) -> None:
-        check_run_folder(self.save_dir, self.resume, self.overwrite, self.model_path.name, self.checkpoint_path.name)
+        check_run_folder(self.save_dir, self.resume, self.overwrite, self.model_path.name, self.checkpoint_path.name, quiet=True)
 
     # -- helpers ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -286,8 +287,10 @@ class TrainingCheckpoint:
         if self.best_of is None:
             self._write_model(engine)
             saved.append(self.model_path)
+        first = self._last_saved_epoch is None
         self._last_saved_epoch = engine.state.epoch
-        logger.info(f"epoch {engine.state.epoch}: saved " + " and ".join(map(str, saved)))
+        log = logger.info if first or engine.state.epoch == engine.state.max_epochs else logger.debug
+        log(f"epoch {engine.state.epoch}: saved " + " and ".join(map(str, saved)))
 
 
 class SampleGridHandler:
