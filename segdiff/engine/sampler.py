@@ -66,18 +66,7 @@ def build_scheduler(
     if sampler == "euler":
         # integer timesteps, as a DiffusionModelUNet trained with RFlowScheduler.sample_timesteps saw them
         return RFlowScheduler(num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True)
-    if sampler == "dpm_solver":
-        return DPMSolverScheduler(
-            num_train_timesteps=num_train_timesteps,
-            schedule=schedule,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            clip_sample=clip_sample,
-            prediction_type=prediction_type,
-            timestep_spacing=timestep_spacing or "logsnr",
-        )
-    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-    return cls(
+    schedule_args = dict(
         num_train_timesteps=num_train_timesteps,
         schedule=schedule,
         beta_start=beta_start,
@@ -85,6 +74,9 @@ def build_scheduler(
         clip_sample=clip_sample,
         prediction_type=prediction_type,
     )
+    if sampler == "dpm_solver":
+        return DPMSolverScheduler(**schedule_args, timestep_spacing=timestep_spacing or "logsnr")
+    return (DDIMScheduler if sampler == "ddim" else DDPMScheduler)(**schedule_args)
 
 
 def _autocast(device: torch.device, enabled: bool):
