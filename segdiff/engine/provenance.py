@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from segdiff.data.inputs import require_file
 from segdiff.errors import ModelMismatchError
 
 __all__ = [
@@ -340,8 +341,7 @@ class ModelRecord:
         path = Path(weights_path) if weights_path is not None else self.weights_path
         if path is None:
             raise ValueError("ModelRecord.verify needs the weights' path.")
-        if not path.is_file():
-            raise ModelMismatchError(f"{path}: no trained weights there; train the bundle first or set model_path.")
+        require_file(str(path))  # "no trained weights there; train the bundle first or set model_path"
         record = read_record(path)
         if record is not None:
             self.check(record, record_path(path), network)

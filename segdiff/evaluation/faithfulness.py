@@ -52,7 +52,7 @@ def generated_entries(entries: Sequence[Mapping[str, Any]], generated_dir: str, 
         entries: test entries with absolute ``"label"`` paths (the conditioning masks).
         generated_dir: the inference ``output_dir`` holding ``<case>_image.nii.gz`` (``<case>_sample<k>_image.nii.gz``
             when several images were generated per mask).
-        samples_per_mask: images generated per mask (inference.yaml's ``num_samples``).
+        samples_per_mask: images generated per mask (inference.yaml's ``samples_per_mask``).
 
     Raises:
         MissingOutputsError: a generated image is missing (the count and the first are named).
