@@ -62,7 +62,8 @@ class GaussianOracle(torch.nn.Module):
 
 
 def scheduler_for(name: str, prediction_type: str = "epsilon", **kwargs):
-    return build_scheduler(name, **{**LINEAR, "prediction_type": prediction_type, **kwargs})
+    diffusion = "rflow" if name == "euler" else "ddpm"
+    return build_scheduler(name, **{**LINEAR, "prediction_type": prediction_type, "diffusion": diffusion, **kwargs})
 
 
 def oracle_samples(name: str, steps: int, prediction_type: str = "epsilon", **kwargs) -> torch.Tensor:

@@ -51,7 +51,8 @@ def test_training_writes_a_record_of_everything_that_decides_how_the_weights_are
     assert s["bundle"] == "mask_to_image"
     assert (s["spatial_dims"], s["image_size"], s["roi_size"], s["num_classes"], s["image_channels"]) == (2, [16, 16], None, 3, 1)
     assert (s["mask_encoding"], s["mask_values"], s["prediction_type"]) == ("onehot", [0.0, 1.0], "v_prediction")
-    assert s["noise_schedule"] == {"kind": "ddpm", "num_train_timesteps": 1000, "schedule": "linear_beta",
+    assert s["diffusion"] == "ddpm"
+    assert s["noise_schedule"] == {"num_train_timesteps": 1000, "schedule": "linear_beta",
                                    "beta_start": 1e-4, "beta_end": 0.02}
     assert (s["target"], s["condition"], s["slice_axis"]) == ("image", "label", 2)
     assert s["intensity_scaling"] == {"transform": "ScaleIntensityRangePercentilesd", "lower": 0.5, "upper": 99.5,
@@ -304,6 +305,6 @@ def test_dpm_solver_samples_from_the_command_line_on_the_input_grid(trained, bun
 
 
 def test_euler_is_refused_for_a_ddpm_model_naming_the_samplers_that_fit(trained):
-    raises_with("'sampler' must be one of 'ddpm', 'ddim', 'dpm_solver'; got 'euler'", run_bundle, "mask_to_image",
+    raises_with("'sampler' euler samples rectified-flow models, but 'diffusion' is ddpm: use one of ddpm, ddim, dpm_solver", run_bundle, "mask_to_image",
                 ["inference.yaml"], **settings(trained / "data", trained / "m2i", sampler="euler",
                                                output_dir=str(trained / "m2i" / "euler")))

@@ -421,7 +421,8 @@ def _record_settings(keys: Mapping[str, Any], conditional: bool) -> dict[str, An
         settings["num_classes"] = 0
     settings.update(
         prediction_type="epsilon",
-        noise_schedule={"kind": "ddpm", "num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4,
+        diffusion="ddpm",
+        noise_schedule={"num_train_timesteps": 1000, "schedule": "linear_beta", "beta_start": 1e-4,
                         "beta_end": 0.02},
         target="image",
         condition="label" if conditional else None,

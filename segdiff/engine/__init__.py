@@ -11,6 +11,15 @@ from .handlers import (
     atomic_torch_save,
     check_run_folder,
 )
+from .objective import (
+    DIFFUSIONS,
+    LOSS_WEIGHTINGS,
+    TIMESTEP_SAMPLINGS,
+    DiffusionLoss,
+    check_objective,
+    min_snr_weights,
+    training_scheduler,
+)
 from .provenance import ModelRecord, describe_network, describe_transform, label_names_of, read_record, record_path
 from .prepare import ConditionalDiffusionPrepareBatch, SamplingPrepareBatch
 from .progress import TrainingProgress

@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 from monai.engines import DiffusionPrepareBatch, PrepareBatch
-from monai.networks.schedulers import Scheduler
+from monai.networks.schedulers import RFlowScheduler, Scheduler
+
+from segdiff.config import choice
+from segdiff.engine.objective import LOSS_WEIGHTINGS, min_snr_weights
 
 __all__ = ["ConditionalDiffusionPrepareBatch", "SamplingPrepareBatch"]
 
@@ -29,7 +32,15 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
         condition_key: batch key of the conditioning tensor, or None for an unconditional model.
         scheduler: the training noise scheduler; its ``prediction_type`` decides the loss target: the noise
             (``"epsilon"``, default and Konz et al.'s), the velocity (``"v_prediction"``) or the clean target
-            (``"sample"``). None means epsilon.
+            (``"sample"``). None means epsilon. A MONAI ``RFlowScheduler`` (``diffusion: rflow``) draws the timesteps
+            itself (uniform or logit-normal) and the loss target is the flow velocity, target - noise.
+        loss_weighting: ``"none"`` or ``"min_snr"``: per-sample loss weights ``min(SNR, min_snr_gamma)`` expressed for
+            the prediction type (:func:`segdiff.engine.objective.min_snr_weights`), applied by
+            :class:`segdiff.engine.DiffusionLoss`.
+        min_snr_gamma: the clip of the signal-to-noise ratio (Hang et al.'s 5).
+
+    After each call, ``last_batch`` holds the batch's ``timesteps``, ``noise`` and ``loss_weights`` (None without
+    weighting) for the loss.
     """
 
     def __init__(
@@ -38,13 +49,28 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
         target_key: str = "image",
         condition_key: str | None = "label",
         scheduler: Scheduler | None = None,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_key)
         self.target_key = target_key
-        self.prediction_type = getattr(scheduler, "prediction_type", "epsilon")
+        self.flow = isinstance(scheduler, RFlowScheduler)
+        self.prediction_type = "v_prediction" if self.flow else getattr(scheduler, "prediction_type", "epsilon")
         self.scheduler = scheduler
+        self.loss_weighting = choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        if loss_weighting != "none" and (scheduler is None or self.flow):
+            raise ValueError("loss_weighting 'min_snr' needs the DDPM training scheduler (its alphas_cumprod).")
+        self.min_snr_gamma = float(min_snr_gamma)
+        self.last_batch: dict[str, Any] = {}
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return self.scheduler.sample_timesteps(images)  # type: ignore[union-attr]
+        return super().get_timesteps(images)
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return images - noise
         if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(images, noise, timesteps)  # type: ignore[union-attr]
         if self.prediction_type == "sample":
@@ -65,6 +91,10 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
         if self.condition_name is not None:
             condition = torch.as_tensor(batchdata[self.condition_name]).to(device, non_blocking=non_blocking, **kwargs)
             infer_kwargs.update(condition=condition, mode="concat")
+        weights = None
+        if self.loss_weighting == "min_snr":
+            weights = min_snr_weights(self.scheduler, timesteps, self.prediction_type, self.min_snr_gamma)
+        self.last_batch = {"timesteps": timesteps, "noise": noise, "loss_weights": weights}
         return target, self.get_target(target, noise, timesteps), (), infer_kwargs
 
 

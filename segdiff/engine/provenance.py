@@ -9,7 +9,8 @@ beside it ``models/model.json``, the model's record:
 - ``network``: the network as built (class, constructor arguments found on the module, parameter count, a hash of
   its layer names and shapes);
 - ``label_names``, ``weights_sha256`` (a hash of the tensors), ``versions`` (segdiff, MONAI, torch, Python) and
-  ``training`` (epoch, iteration, time: informative, never checked).
+  ``training`` (epoch, iteration, time) and ``objective`` (loss weighting, timestep sampling: how the weights were
+  trained, not how they must be used), both informative, never checked.
 
 The same record goes into ``checkpoint.pt``. Inference, evaluation, synthesis, export, resume and MONAI Label's
 ``/infer`` build the record their own config implies (:class:`ModelRecord`) and compare it with the stored one
@@ -259,6 +260,8 @@ class ModelRecord:
         label_names: class index -> name (the datalist's ``labels``); recorded, not checked.
         weights_path: the weights this config uses (inference, evaluation); None in training configs.
         bundle: the bundle's name, recorded (and checked: weights of one bundle are refused by another).
+        objective: training-only choices (``loss_weighting``, ``min_snr_gamma``, ``timestep_sampling``): recorded
+            in training configs, never checked (sampling does not depend on them).
     """
 
     def __init__(
@@ -267,8 +270,10 @@ class ModelRecord:
         label_names: Mapping[str, str] | None = None,
         weights_path: str | os.PathLike | None = None,
         bundle: str | None = None,
+        objective: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = _plain(dict(settings))
+        self.objective = None if objective is None else _plain(dict(objective))
         if bundle is not None:
             self.settings = {"bundle": bundle, **self.settings}
         self.label_names = None if label_names is None else {str(k): str(v) for k, v in label_names.items()}
@@ -287,6 +292,7 @@ class ModelRecord:
             "settings": copy.deepcopy(self.settings),
             "network": describe_network(network),
             "label_names": self.label_names,
+            "objective": copy.deepcopy(self.objective),
             "versions": {
                 "segdiff": __version__,
                 "monai": monai.__version__,

@@ -42,6 +42,7 @@ def build_scheduler(
     prediction_type: str,
     clip_sample: bool = True,
     timestep_spacing: str | None = None,
+    diffusion: str = "ddpm",
 ) -> Scheduler:
     """A scheduler by name for the network's noise schedule and ``prediction_type`` (``"epsilon"``,
     ``"v_prediction"`` or ``"sample"``): MONAI's ``"ddpm"`` or ``"ddim"``, ``"dpm_solver"``
@@ -56,11 +57,26 @@ def build_scheduler(
     Args:
         timestep_spacing: for ``"dpm_solver"``: ``"logsnr"`` (None, the default: uniform in log-SNR) or
             ``"time_uniform"``; checked for every sampler, used by ``"dpm_solver"`` only.
+        diffusion: the forward process the network was trained with (the bundles' ``diffusion`` key): ``"ddpm"``
+            networks are sampled by ddpm, ddim or dpm_solver; ``"rflow"`` networks by euler only.
     """
     from segdiff.config import choice
+    from segdiff.engine.objective import DIFFUSIONS, PREDICTION_TYPES
+    from segdiff.errors import ConfigKeyError
 
     choice("sampler", sampler, SAMPLERS)
-    choice("prediction_type", prediction_type, ("epsilon", "v_prediction", "sample"))
+    choice("diffusion", diffusion, DIFFUSIONS)
+    choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if diffusion == "rflow" and sampler != "euler":
+        raise ConfigKeyError(
+            f"'sampler' {sampler!r} samples DDPM-trained models, but 'diffusion' is rflow (a rectified flow): use "
+            "sampler euler, or diffusion ddpm for a model trained so."
+        )
+    if diffusion == "ddpm" and sampler == "euler":
+        raise ConfigKeyError(
+            f"'sampler' euler samples rectified-flow models, but 'diffusion' is ddpm: use one of "
+            f"{', '.join(DDPM_SAMPLERS)}, or diffusion rflow for a model trained so."
+        )
     if timestep_spacing is not None:
         choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
     if sampler == "euler":
