@@ -21,6 +21,10 @@ counts what it holds).
 
     python scripts/benchmark_training.py --preset configs/demo_cpu.yaml --steps 48 --json throughput.json
 
+On a CPU machine shared with other jobs, wall time with several threads mostly measures the other jobs: every small
+multi-threaded op waits for a descheduled thread. There ``OMP_NUM_THREADS=1 ... --threads 1 --clock process`` times
+this process's CPU time on one core instead (as scripts/benchmark_ensemble.py does).
+
 Without ``--dataset-dir`` the built-in demo data (``segdiff.data.demo.write_demo_data``) is written to a temporary
 folder first (needs nilearn, the ``demo`` extra); models and logs of the timed run go to a temporary folder too.
 """
@@ -70,9 +74,11 @@ class BlockTimer:
     the step, all handlers, epoch boundaries) wherever this handler sits among the others.
     """
 
-    def __init__(self, warmup_steps: int, steps: int, block_steps: int, between_blocks: Callable[[], None] | None = None) -> None:
+    def __init__(self, warmup_steps: int, steps: int, block_steps: int, between_blocks: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.warmup_steps, self.steps, self.block_steps = warmup_steps, steps, block_steps
         self.between_blocks = between_blocks
+        self.clock = clock
         self.seconds = self.data_seconds = 0.0
         self.samples = self.timed = 0
         self._count = 0
@@ -87,14 +93,14 @@ class BlockTimer:
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._get_batch_completed)
 
     def _get_batch_started(self, engine) -> None:
-        self._batch_start = time.perf_counter()
+        self._batch_start = self.clock()
 
     def _get_batch_completed(self, engine) -> None:
         if self._start is not None:
-            self.data_seconds += time.perf_counter() - self._batch_start
+            self.data_seconds += self.clock() - self._batch_start
 
     def __call__(self, engine) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         self._count += 1
         if self._start is not None:
             self.timed += 1
@@ -108,7 +114,7 @@ class BlockTimer:
                 return
             if self.between_blocks is not None:
                 self.between_blocks()
-            self._start = time.perf_counter()
+            self._start = self.clock()
 
 
 def diffusers_unet(network_def: dict, image_size: list[int]):
@@ -150,9 +156,14 @@ def read_settings(files: list[str], overrides: dict) -> dict:
     net_keys = ("spatial_dims", "in_channels", "out_channels", "channels", "attention_levels", "num_res_blocks",
                 "num_head_channels", "norm_num_groups", "norm_eps")
     network_def = {k: parser.get_parsed_content(f"network_def#{k}") for k in net_keys if f"network_def#{k}" in parser}
-    keys = ("image_size", "batch_size", "prediction_type", "noise_schedule", "max_grad_norm", "ema_momentum",
+    keys = ("image_size", "batch_size", "num_workers", "prediction_type", "noise_schedule", "max_grad_norm", "ema_momentum",
             "warmup_steps", "num_train_timesteps")
     settings = {k: parser.get_parsed_content(k) for k in keys}
+    # the loop below is the seeds' objective: DDPM with an unweighted MSE (configs without these keys train that too)
+    for key, expected in (("diffusion", "ddpm"), ("loss_weighting", "none")):
+        found = parser.get_parsed_content(key) if key in parser else expected
+        if found != expected:
+            raise ValueError(f"{key} = {found!r} in {files}: the diffusers-style loop mirrors only {key} {expected!r}")
     settings.update(
         network_def=network_def,
         learning_rate=parser.get_parsed_content("optimizer#lr"),
@@ -187,7 +198,8 @@ def extract_slices(settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
 class DiffusersStyleLoop:
     """The seeds' training loop, run ``steps`` at a time by :meth:`run` (it keeps its place in the data)."""
 
-    def __init__(self, settings: dict, targets: torch.Tensor, conditions: torch.Tensor, total_steps: int, seed: int = 0) -> None:
+    def __init__(self, settings: dict, targets: torch.Tensor, conditions: torch.Tensor, total_steps: int, seed: int = 0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         import diffusers
         from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -214,6 +226,7 @@ class DiffusersStyleLoop:
         )
         self._batches = iter(self.loader)
         self.batch_size = settings["batch_size"]
+        self.clock = clock
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -225,11 +238,11 @@ class DiffusersStyleLoop:
     def run(self, steps: int) -> tuple[float, float, int]:
         """``steps`` training steps: (seconds, of which data loading, network inputs)."""
         samples, data_seconds = 0, 0.0
-        start = time.perf_counter()
+        start = self.clock()
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0 = self.clock()
             clean, condition = self._next_batch()
-            data_seconds += time.perf_counter() - t0
+            data_seconds += self.clock() - t0
             noise = torch.randn(clean.shape, generator=self.generator)
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), generator=self.generator)
             noisy = self.scheduler.add_noise(clean, noise, timesteps)
@@ -249,7 +262,7 @@ class DiffusersStyleLoop:
                 torch._foreach_lerp_(self.ema_params, self.params, self.momentum)
             loss.item()  # the seeds log the loss every step
             samples += clean.shape[0]
-        return time.perf_counter() - start, data_seconds, samples
+        return self.clock() - start, data_seconds, samples
 
 
 def parameters(module: torch.nn.Module) -> int:
@@ -262,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", action="append", help="preset config(s) after train.yaml (default configs/demo_cpu.yaml)")
     parser.add_argument("--steps", type=int, default=48, help="timed training steps of each loop")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps of each loop first (allocations, first epoch)")
-    parser.add_argument("--block-steps", type=int, default=8, help="steps of one loop before the other takes over; 0: one after the other")
+    parser.add_argument("--block-steps", type=int, default=4, help="steps of one loop before the other takes over; 0: one after the other")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads for both loops")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="wall time (default), or this process's CPU time: with --threads 1 on a shared CPU machine "
+                        "it is one core's compute time, which other jobs do not inflate (needs num_workers 0)")
     parser.add_argument("--dataset-dir", help="a folder with datalist.json (default: the demo data, written to a temporary folder)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override (value as a Python literal), e.g. network_def#num_res_blocks=1")
@@ -278,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     from monai.bundle import ConfigWorkflow
 
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     extra = {}
     for item in args.override:
         key, sep, value = item.partition("=")
@@ -300,13 +317,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # the diffusers-style loop: settings and slices from the same config, extracted before anything is timed
         settings = read_settings(files, overrides)
+        if args.clock == "process" and settings["num_workers"]:
+            raise ValueError(f"--clock process counts this process only, but num_workers = {settings['num_workers']}: "
+                             "its data loader workers would not be counted (set num_workers 0)")
         targets, conditions = extract_slices(settings)
         cases = len(settings["parser"].get_parsed_content("train#dataset#data"))
         cases_per_batch = settings["parser"].get_parsed_content("cases_per_batch")
         epoch_length = math.ceil(cases / cases_per_batch)
         # enough epochs for warm-up and timed steps (the lr schedule spans them, as in a run of that length)
         overrides["max_epochs"] = math.ceil((args.warmup_steps + args.steps) / epoch_length) + 1
-        theirs = DiffusersStyleLoop(settings, targets, conditions, total_steps=overrides["max_epochs"] * epoch_length)
+        theirs = DiffusersStyleLoop(settings, targets, conditions, total_steps=overrides["max_epochs"] * epoch_length, clock=clock)
         theirs_total = {"seconds": 0.0, "data_seconds": 0.0, "samples": 0, "steps": 0}
 
         def theirs_turn() -> None:  # ours' clock is stopped meanwhile
@@ -321,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         workflow = ConfigWorkflow(config_file=files, run_id="training", **overrides)
         workflow.initialize()
         trainer = workflow.parser.get_parsed_content("train#trainer")
-        timer = BlockTimer(args.warmup_steps, args.steps, block, theirs_turn if block < args.steps else None)
+        timer = BlockTimer(args.warmup_steps, args.steps, block, theirs_turn if block < args.steps else None, clock)
         timer.attach(trainer)
         workflow.run()
         workflow.finalize()
@@ -351,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# {args.bundle} {'+'.join(presets) or '(train.yaml defaults)'}: batch {settings['batch_size']}, "
           f"image_size {list(settings['image_size'])}, {len(targets)} training slices; warm-up {args.warmup_steps} steps, "
-          f"blocks of {block} steps; {hardware}; torch {torch.__version__}, monai {monai.__version__}")
+          f"blocks of {block} steps, {args.clock} time; {hardware}; torch {torch.__version__}, monai {monai.__version__}")
     print("| loop | parameters | steps timed | seconds | of which data (s) | samples/s |")
     print("|---|---|---|---|---|---|")
     for row in rows.values():
@@ -367,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "bundle": args.bundle, "presets": presets, "overrides": extra, "hardware": hardware,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "monai": monai.__version__,
-            "diffusers": diffusers.__version__, "warmup_steps": args.warmup_steps, "block_steps": block,
+            "diffusers": diffusers.__version__, "warmup_steps": args.warmup_steps, "block_steps": block, "clock": args.clock,
             "training_slices": len(targets), "loops": rows, "ratio": ratio,
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

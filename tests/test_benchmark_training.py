@@ -49,3 +49,13 @@ def test_training_benchmark_reports_both_loops_and_their_ratio(tmp_path, capsys)
     assert ours["parameters"] == theirs["parameters"]  # the same architecture on both sides
     assert report["ratio"] == pytest.approx(ours["samples_per_second"] / theirs["samples_per_second"])
     assert f"ratio ours/diffusers-style: {report['ratio']:.2f}" in capsys.readouterr().out
+
+
+def test_process_clock_refuses_data_loader_workers_it_cannot_count(tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY.replace("num_workers: 0", "num_workers: 2"))
+    write_dataset(tmp_path / "data")
+    with pytest.raises(ValueError, match="num_workers = 2"):
+        load_script("benchmark_training").main(
+            ["--preset", str(preset), "--dataset-dir", str(tmp_path / "data"), "--steps", "1", "--clock", "process"]
+        )
