@@ -22,42 +22,53 @@ def load_script():
     return module
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bundle, quality", [("mask_to_image", "faithfulness"), ("image_to_mask", "fused ensemble")])
-def test_recipes_are_trained_scored_at_each_point_and_not_trained_twice(tmp_path, capsys, bundle, quality):
-    """Both bundles, a DDPM recipe with min-SNR weights and a rectified flow; then a sampling sweep of the flow."""
+def tiny_run(tmp_path, bundle, recipes, extra=()):
     data = tmp_path / "data"
-    write_dataset(data, shape=(12, 16, 16), splits={"training": 4, "validation": 1, "test": 1})
-    script = load_script()
-    arguments = ["--bundle", bundle, "--steps", "4", "--eval-every", "2", "--recipes", "v+min_snr", "rflow",
-                 "--eval-sampler", "ddim:2", "--members", "2", "--data", str(data), "--output", str(tmp_path / "out"),
-                 "--override", *TINY]
-    assert script.main(arguments) == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["bundle"] == bundle and set(results["recipes"]) == {"v+min_snr", "rflow"}
+    if not data.exists():
+        write_dataset(data, shape=(12, 16, 16), splits={"training": 4, "validation": 1, "test": 1})
+    arguments = ["--bundle", bundle, "--steps", "4", "--eval-every", "2", "--recipes", *recipes, "--eval-sampler", "ddim:2",
+                 "--members", "2", "--data", str(data), "--output", str(tmp_path / "out"), "--override", *TINY, *extra]
+    assert load_script().main(arguments) == 0
+    return json.loads((tmp_path / "out" / "results.json").read_text()), arguments
+
+
+def check_points(run, steps=(2, 4)):
+    assert run["steps"] == steps[-1] and [p["step"] for p in run["points"]] == list(steps)
+    for point in run["points"]:
+        assert 0.0 <= point["mean_dice"] <= 1.0 and len(point["per_class_dice"]) == 2
+        assert point["train_seconds"] > 0
+    assert run["points"][-1]["train_seconds"] > run["points"][0]["train_seconds"]
+
+
+@pytest.mark.slow
+def test_mask_to_image_recipes_are_scored_at_each_point_swept_and_not_trained_twice(tmp_path, capsys):
+    """A DDPM recipe with min-SNR weights and a rectified flow; then, again, a sampling sweep of the flow."""
+    results, arguments = tiny_run(tmp_path, "mask_to_image", ["v+min_snr", "rflow"])
+    assert results["bundle"] == "mask_to_image" and set(results["recipes"]) == {"v+min_snr", "rflow"}
     for name, sampler in (("v+min_snr", "ddim-2"), ("rflow", "euler-2")):
-        run = results["recipes"][name]
-        assert run["steps"] == 4 and run["sampler"] == sampler
-        assert [p["step"] for p in run["points"]] == [2, 4]
-        for point in run["points"]:
-            assert 0.0 <= point["mean_dice"] <= 1.0 and len(point["per_class_dice"]) == 2
-            assert point["train_seconds"] > 0
-        assert run["points"][1]["train_seconds"] > run["points"][0]["train_seconds"]
-    if bundle == "mask_to_image":
-        assert 0.0 <= results["ceiling"]["mean_dice"] <= 1.0
+        assert results["recipes"][name]["sampler"] == sampler
+        check_points(results["recipes"][name])
+    assert 0.0 <= results["ceiling"]["mean_dice"] <= 1.0
     table = (tmp_path / "out" / "recipes.md").read_text()
-    assert table.startswith(quality) and "| v+min_snr | ddim-2 |" in table and "| rflow | euler-2 |" in table
+    assert table.startswith("faithfulness") and "| v+min_snr | ddim-2 |" in table and "| rflow | euler-2 |" in table
     assert (tmp_path / "out" / "recipes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     capsys.readouterr()
-    # again, with a sampling sweep of the flow's weights: both recipes are done, nothing is retrained
-    assert script.main(arguments + ["--sweep", "euler:1", "euler:3", "ddim:2", "--sweep-recipe", "rflow"]) == 0
+    assert load_script().main(arguments + ["--sweep", "euler:1", "euler:3", "ddim:2", "--sweep-recipe", "rflow"]) == 0
     out = capsys.readouterr().out
     assert "v+min_snr: done before" in out and "rflow: done before" in out
     sweep = json.loads((tmp_path / "out" / "results.json").read_text())["sweeps"]["rflow"]
     assert [r["sampler"] for r in sweep] == ["euler-1", "euler-3"]  # ddim does not sample a rectified flow
     assert all(r["seconds_per_slice"] > 0 and 0.0 <= r["mean_dice"] <= 1.0 for r in sweep)
     assert "| euler-3 |" in (tmp_path / "out" / "recipes.md").read_text()
+
+
+@pytest.mark.slow
+def test_image_to_mask_recipes_are_scored_by_the_fused_ensemble(tmp_path):
+    results, _ = tiny_run(tmp_path, "image_to_mask", ["v+min_snr"])
+    assert results["bundle"] == "image_to_mask" and "ceiling" not in results
+    check_points(results["recipes"]["v+min_snr"])
+    assert (tmp_path / "out" / "recipes.md").read_text().startswith("fused ensemble mean Dice")
 
 
 def test_unknown_recipes_are_refused_with_the_known_names(tmp_path, capsys):
