@@ -1,6 +1,7 @@
 """The ``segdiff`` command: one sub-command per pipeline stage (data first; more stages plug in below).
 
     segdiff demo-data DIR                      # the offline MNI152 tissue demo data set
+    segdiff totalseg-data DIR --modality ct    # TotalSegmentator's example CT (or mr) with shared organ labels
     segdiff datalist DATASET_DIR               # scan a data set folder, write datalist.json
     segdiff check DATALIST --num-classes N     # check every file before training
     segdiff export-nnunet --datalist FILE --output RAW_DIR --id N --name NAME   # nnU-Net v2 raw data set
@@ -51,6 +52,44 @@ def _demo_data_run(args: argparse.Namespace) -> int:
 
     path = write_demo_data(args.output_dir, num_slabs=args.num_slabs, overwrite=args.overwrite)
     print(f"demo data written; datalist: {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ totalseg-data
+def _totalseg_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", metavar="DIR", help="folder to write the data set into")
+    parser.add_argument(
+        "--modality", choices=("ct", "mr"), default="ct", help="the example CT or the example MR (default: ct)"
+    )
+    parser.add_argument(
+        "--sdist",
+        metavar="FILE",
+        help="TotalSegmentator 2.18.0's .tar.gz (default: the cached copy under ~/.cache/segdiff, downloaded with "
+        "pip when missing)",
+    )
+    parser.add_argument(
+        "--num-slabs",
+        type=int,
+        default=6,
+        metavar="N",
+        help="number of axial slabs (default: 6, at least 4): 1 validation, 2 test, the rest training",
+    )
+    parser.add_argument("--no-download", action="store_true", help="refuse instead of downloading a missing sdist")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
+
+
+def _totalseg_data_run(args: argparse.Namespace) -> int:
+    from segdiff.data.totalsegmentator import write_reference_data
+
+    path = write_reference_data(
+        args.output_dir,
+        modality=args.modality,
+        sdist=args.sdist,
+        num_slabs=args.num_slabs,
+        overwrite=args.overwrite,
+        download=not args.no_download,
+    )
+    print(f"TotalSegmentator {args.modality} data written; datalist: {path}")
     return 0
 
 
@@ -340,6 +379,7 @@ def _convert_diffusers_run(args: argparse.Namespace) -> int:
 
 _EXAMPLES = """examples:
   segdiff demo-data ~/segdiff-demo
+  segdiff totalseg-data ~/segdiff-totalseg-mr --modality mr
   segdiff check ~/segdiff-demo/datalist.json --num-classes 4 --image-channels 1
   segdiff datalist ~/data/Task09_Spleen --val-fraction 0.2 --seed 1
   segdiff datalist ~/data/mydata --layout folders --images images --labels masks
@@ -357,6 +397,17 @@ COMMANDS: list[Command] = [
         'pip install "monai-segdiff[demo]".',
         _demo_data_arguments,
         _demo_data_run,
+    ),
+    Command(
+        "totalseg-data",
+        "write TotalSegmentator's example CT or MR with shared organ labels (reads its sdist)",
+        "Read the example CT (task total) or MR (task total_mr) and its TotalSegmentator segmentation from "
+        "TotalSegmentator 2.18.0's sdist (a .tar.gz, downloaded once with pip into ~/.cache/segdiff unless --sdist "
+        "is given), map both tasks' class ids to one label space (0 background, 1 liver, 2 spleen, 3 kidney, "
+        "4 stomach, 5 pancreas, 6 gallbladder, 7 aorta) and write axial slabs as NIfTI pairs, plus datalist.json "
+        "with splits by slab and \"modality\" in every entry.",
+        _totalseg_data_arguments,
+        _totalseg_data_run,
     ),
     Command(
         "datalist",

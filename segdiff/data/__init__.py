@@ -1,11 +1,12 @@
-"""Data layer: datalists (build, split, save, load, resolve), file checks and the offline demo data set.
+"""Data layer: datalists (build, split, save, load, resolve), file checks and the offline data sets (MNI152 demo,
+TotalSegmentator's example CT and MR).
 
 The submodules are imported here so that bundle config expressions reach them as attributes once the package
 is imported (``"imports": ["$import segdiff"]``), e.g.
 ``"$segdiff.data.checks.check_datalist(@datalist, @dataset_dir, @num_classes)"``.
 """
 
-from segdiff.data import checks, datalist, demo, inputs, naming, nnunet
+from segdiff.data import checks, datalist, demo, inputs, naming, nnunet, totalsegmentator
 from segdiff.data.checks import (
     DataCheckError,
     check_datalist,
@@ -25,6 +26,7 @@ from segdiff.data.datalist import (
 )
 from segdiff.data.demo import write_demo_data
 from segdiff.data.nnunet import export_nnunet
+from segdiff.data.totalsegmentator import write_reference_data
 
 __all__ = [
     "checks",
@@ -33,6 +35,7 @@ __all__ = [
     "inputs",
     "naming",
     "nnunet",
+    "totalsegmentator",
     "DataCheckError",
     "DatalistError",
     "InputNotFoundError",
@@ -48,4 +51,5 @@ __all__ = [
     "save_datalist",
     "split_cases",
     "write_demo_data",
+    "write_reference_data",
 ]
