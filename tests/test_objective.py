@@ -220,3 +220,26 @@ def test_a_bad_objective_key_stops_the_bundle_with_its_name(tmp_path):
     ]:
         raises_with(message, run_bundle, "image_to_mask", ["train.yaml"], run_id="training",
                     **tiny(tmp_path / "data", tmp_path / f"b_{key}", max_epochs=1, **{key: value}, **TINY_TRAINING))
+
+
+class ConstantVelocity(torch.nn.Module):
+    """A 'network' whose flow velocity carries every sample to 3.0, outside the data range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, timesteps, context=None):
+        return 3.0 - x  # v = x0 - noise points from the noise to x0 = 3 when x starts as pure noise
+
+
+@pytest.mark.parametrize("clip_sample, inside", [(True, True), (False, False)])
+def test_euler_samples_are_clipped_to_the_data_range_like_the_ddpm_samplers(clip_sample, inside):
+    from segdiff.engine import ConditionalDiffusionSampler
+
+    scheduler = build_scheduler("euler", diffusion="rflow", prediction_type="v_prediction", clip_sample=clip_sample, **LINEAR)
+    sampler = ConditionalDiffusionSampler(scheduler, num_inference_steps=5, conditional=False, progress=False, seed=0)
+    out = sampler(torch.zeros(1, 0, 8, 8), ConstantVelocity())
+    assert (out.abs().max() <= 1.0) == inside
+    if not inside:
+        assert float(out.max()) > 2.0

@@ -81,7 +81,9 @@ def build_scheduler(
         choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
     if sampler == "euler":
         # integer timesteps, as a DiffusionModelUNet trained with RFlowScheduler.sample_timesteps saw them
-        return RFlowScheduler(num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True)
+        flow = RFlowScheduler(num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True)
+        flow.clip_sample = clip_sample  # MONAI's RFlow step has no clipping: the sampler clips the result to [-1, 1]
+        return flow
     schedule_args = dict(
         num_train_timesteps=num_train_timesteps,
         schedule=schedule,
@@ -260,6 +262,8 @@ class ConditionalDiffusionSampler:
                 x, _ = self.scheduler.step(output.float(), int(t), x, generator=generator)
             if progress_bar is not None:
                 progress_bar.update(1)
+        if flow and getattr(self.scheduler, "clip_sample", False):
+            x = x.clamp(-1.0, 1.0)  # the data range, as the DDPM-family schedulers' clip_sample keeps x0
         return x
 
     def __call__(
