@@ -27,7 +27,7 @@ import numpy as np
 
 from segdiff.data.datalist import save_datalist
 
-__all__ = ["write_demo_data", "demo_slab_splits", "tissue_labels", "LABEL_NAMES", "MIN_SLAB_SLICES"]
+__all__ = ["write_demo_data", "demo_slab_splits", "slab_affine", "tissue_labels", "LABEL_NAMES", "MIN_SLAB_SLICES"]
 
 #: class index -> name of the demo tissue map
 LABEL_NAMES = {"0": "background", "1": "CSF", "2": "grey matter", "3": "white matter"}
@@ -103,6 +103,14 @@ def demo_slab_splits(num_slabs: int) -> dict[str, list[int]]:
     test = [num_slabs // 4, 3 * num_slabs // 4]
     training = [i for i in range(num_slabs) if i not in validation + test]
     return {"training": training, "validation": validation, "test": test}
+
+
+def slab_affine(affine: np.ndarray, first: int) -> np.ndarray:
+    """The affine of a slab cut from a volume at its third-axis voxel ``first``: the slab's voxel (0, 0, 0) is the
+    volume's voxel (0, 0, first), at the same world position; orientation and spacing are kept."""
+    slab = np.array(affine, dtype=np.float64, copy=True)
+    slab[:3, 3] = (np.asarray(affine) @ np.array([0.0, 0.0, first, 1.0]))[:3]
+    return slab
 
 
 def _slab_bounds(first: int, stop: int, depth: int, num_slabs: int) -> list[tuple[int, int]]:
@@ -231,9 +239,7 @@ def write_demo_data(output_dir: str | os.PathLike, num_slabs: int = 10, overwrit
     width = max(2, len(str(num_slabs - 1)))
     for index, (first, stop) in enumerate(bounds):
         name = f"slab_{index:0{width}d}.nii.gz"
-        # the slab's voxel (0, 0, 0) is the template's voxel (0, 0, first): same world position
-        affine = template.affine.copy()
-        affine[:3, 3] = (template.affine @ np.array([0.0, 0.0, first, 1.0]))[:3]
+        affine = slab_affine(template.affine, first)
         _nifti(np.ascontiguousarray(t1[:, :, first:stop], dtype=np.float32), affine).to_filename(
             os.path.join(output_dir, "images", name)
         )

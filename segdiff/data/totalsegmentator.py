@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from segdiff.data.datalist import InputNotFoundError, save_datalist
-from segdiff.data.demo import demo_slab_splits
+from segdiff.data.demo import demo_slab_splits, slab_affine
 from segdiff.errors import SegdiffError
 
 __all__ = [
@@ -501,8 +501,7 @@ def write_reference_data(
     width = max(2, len(str(num_slabs - 1)))
     for index, (first, stop) in enumerate(bounds):
         case = f"{modality}_slab_{index:0{width}d}"
-        affine = image.affine.copy()
-        affine[:3, 3] = (image.affine @ np.array([0.0, 0.0, first, 1.0]))[:3]  # slab voxel 0 = source voxel first
+        affine = slab_affine(image.affine, first)
         slab_label = np.ascontiguousarray(label[:, :, first:stop])
         _nifti(np.ascontiguousarray(intensities[:, :, first:stop]), affine, image).to_filename(
             os.path.join(folder, "images", f"{case}.nii.gz")
