@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,33 @@ class LearningRateLogger:
 
 class WallTimeLimit:
     """Stop training after ``seconds`` of wall time (Ignite's ``TimeLimit``, attachable from a bundle handler list),
-    e.g. to give a baseline the same time budget as the model it is compared with."""
+    e.g. to give a baseline the same time budget as the model it is compared with.
+
+    The clock starts when the run starts (not when the config builds the handler, which may be before a dataset is
+    cached); afterwards ``reached`` says whether this limit stopped the run.
+
+    Args:
+        seconds: wall time of the run, at least 1 (whole seconds).
+    """
 
     def __init__(self, seconds: float) -> None:
         from ignite.handlers import TimeLimit
 
         self.limit = TimeLimit(limit_sec=int(seconds))
+        self.reached = False
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.limit)
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self.limit.start_time = time.time()
+        self.reached = False
+
+    def __call__(self, engine: Engine) -> None:
+        if time.time() - self.limit.start_time > self.limit.limit_sec:
+            self.reached = True
+        self.limit(engine)
 
 
 class CopyWeights:

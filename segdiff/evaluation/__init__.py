@@ -1,7 +1,7 @@
 """Evaluation: reference segmenters, the faithfulness of generated images to their masks, image -> mask ensembles,
 image quality and the downstream value of synthetic data, all reported by :mod:`segdiff.evaluation.report`."""
 
-from .segmenter import SegmenterInferer, per_class_dice, per_class_iou, segment_case
+from .segmenter import SegmenterInferer, TrainingStopReport, per_class_dice, per_class_iou, segment_case, segmenter_training
 from .ensemble_metrics import (
     TopLabelCalibrationError,
     UncertaintyErrorAUROC,

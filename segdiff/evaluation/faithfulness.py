@@ -6,7 +6,8 @@ mask_to_image's evaluate.yaml composes the two runs from MONAI's pieces: a ``Sup
 segmenter over whole cases through :class:`~segdiff.evaluation.SegmenterInferer`, argmax and one-hot
 post-processing, a ``MeanDice`` handler keeping every case's per-class Dice, a ``MetricsSaver``); this module gives
 them their data (:func:`generated_entries`), refuses what cannot be scored, and writes the report from the two
-evaluators' per-case Dice (:func:`write_faithfulness_report`: ``faithfulness.{json,md}``).
+evaluators' per-case Dice (:func:`write_faithfulness_report`: ``faithfulness.{json,md}``), with how the segmenter
+was trained (its best validation Dice, epochs, what stopped it: :func:`segdiff.evaluation.segmenter_training`).
 """
 
 from __future__ import annotations
@@ -36,11 +37,18 @@ __all__ = [
     "generated_entries",
     "per_case_metric",
     "real_entries",
+    "segmenter_markdown",
     "write_faithfulness_report",
 ]
 
 #: title of faithfulness.md
 TITLE = "Faithfulness: Dice between each mask and the segmentation of the image generated from it"
+#: the segmenter paragraph's words for what stopped its training (``TrainingStopReport``'s ``stopped_by``)
+_STOPPED_BY = {
+    "patience": "patience (segmenter_patience validations without a better Dice)",
+    "epochs": "the epoch bound (segmenter_epochs)",
+    "wall_time": "the wall-time bound (segmenter_max_minutes)",
+}
 
 
 def generated_entries(entries: Sequence[Mapping[str, Any]], generated_dir: str, samples_per_mask: int = 1) -> list[dict[str, Any]]:
@@ -126,6 +134,30 @@ def faithfulness_markdown(report: Mapping[str, Any]) -> str:
     return markdown_table(["images", *names, "mean", "n"], rows)
 
 
+def segmenter_markdown(segmenter: Mapping[str, Any] | None) -> str:
+    """One paragraph on the reference segmenter behind the ceiling: how long it trained, what stopped it, its best
+    validation Dice (empty without ``segmenter``)."""
+    if not segmenter:
+        return ""
+    dice, epoch = segmenter.get("best_val_mean_dice"), segmenter.get("best_epoch")
+    if dice is not None:
+        best = f"best validation mean Dice {dice:.3f}" + ("" if epoch is None else f" at epoch {epoch}")
+    elif not segmenter.get("trained_in_this_run"):
+        best = "no validation Dice in its record"
+    elif segmenter.get("validation_cases"):
+        best = "no validation ran before it stopped, the last weights"
+    else:
+        best = "no validation split, the last weights"
+    if segmenter.get("trained_in_this_run"):
+        how = (f"trained in this run for {segmenter['epochs']} of at most {segmenter['max_epochs']} epochs "
+               f"({segmenter.get('minutes', float('nan')):.1f} min), stopped by "
+               f"{_STOPPED_BY.get(segmenter['stopped_by'], segmenter['stopped_by'])}")
+    else:
+        how = f"reused from {segmenter.get('weights')}" + (
+            "" if segmenter.get("epochs") is None else f", trained for {segmenter['epochs']} epochs")
+    return f"\nReference segmenter: {how}; {best}.\n"
+
+
 def write_faithfulness_report(
     generated: Any,
     real: Any,
@@ -133,6 +165,7 @@ def write_faithfulness_report(
     report_dir: str,
     samples_per_mask: int = 1,
     class_names: Sequence[str] | None = None,
+    segmenter: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``faithfulness.{json,md}`` from the per-case Dice of the two evaluations.
 
@@ -144,9 +177,12 @@ def write_faithfulness_report(
         report_dir: folder of the report.
         samples_per_mask: images generated per mask.
         class_names: names of classes ``1..num_classes-1`` (default ``class_<k>``).
+        segmenter: how the reference segmenter was trained (:func:`segdiff.evaluation.segmenter_training`:
+            ``best_val_mean_dice``, ``epochs``, ``stopped_by``, ...), reported as ``segmenter``; None leaves it out.
 
     Returns:
-        the report: per-class and mean Dice for generated and for real images, and per-case figures.
+        the report: per-class and mean Dice for generated and for real images, the segmenter's training, and per-case
+        figures.
     """
     generated_dice = generated if isinstance(generated, np.ndarray) else per_case_metric(generated)
     real_dice = real if isinstance(real, np.ndarray) else per_case_metric(real)
@@ -164,6 +200,9 @@ def write_faithfulness_report(
             "generated_dice": [rounded(row) for row in samples],
             "real_dice": rounded(real_dice[index]),
         })
-    report = {"classes": names, "generated": _summary(generated_dice, names), "real": _summary(real_dice, names),
-              "cases": cases}
-    return write_report(report_dir, "faithfulness", report, TITLE, faithfulness_markdown(report))
+    report = {"classes": names, "generated": _summary(generated_dice, names), "real": _summary(real_dice, names)}
+    if segmenter is not None:
+        report["segmenter"] = dict(segmenter)
+    report["cases"] = cases
+    return write_report(report_dir, "faithfulness", report, TITLE, faithfulness_markdown(report),
+                        after=segmenter_markdown(segmenter))
