@@ -1,5 +1,6 @@
 """The conditional-diffusion engine shared by every bundle: batch preparation, sampling, training handlers."""
 
+from .condition_encoder import ConditionEncoderDiffusion, describe_encoder, segmentation_diffusion_network
 from .dpm_solver import DPMSolverScheduler
 from .handlers import (
     CopyWeights,
@@ -15,10 +16,16 @@ from .objective import (
     DIFFUSIONS,
     LOSS_WEIGHTINGS,
     TIMESTEP_SAMPLINGS,
+    SEGMENTERS,
     DiffusionLoss,
+    SegmentationDiffusionLoss,
     check_objective,
+    check_segmentation_objective,
+    check_segmenter,
     min_snr_weights,
+    predicted_x0,
     training_scheduler,
+    x0_from_output,
 )
 from .provenance import ModelRecord, describe_network, describe_transform, label_names_of, read_record, record_path
 from .prepare import ConditionalDiffusionPrepareBatch, SamplingPrepareBatch

@@ -15,7 +15,7 @@ from monai.networks.schedulers import RFlowScheduler, Scheduler
 from monai.utils import convert_to_tensor
 
 from segdiff.config import choice
-from segdiff.engine.objective import LOSS_WEIGHTINGS, min_snr_weights
+from segdiff.engine.objective import LOSS_WEIGHTINGS, check_segmentation_objective, min_snr_weights, predicted_x0
 
 __all__ = ["ConditionalDiffusionPrepareBatch", "SamplingPrepareBatch"]
 
@@ -39,9 +39,16 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
             the prediction type (:func:`segdiff.engine.objective.min_snr_weights`), applied by
             :class:`segdiff.engine.DiffusionLoss`.
         min_snr_gamma: the clip of the signal-to-noise ratio (Hang et al.'s 5).
+        network: the network being trained; needed for ``recycling`` only.
+        recycling: Fu et al.'s recycling training (needs ``prediction_type`` sample and a DDPM scheduler): without
+            gradient, the truth is noised to the last timestep T - 1, the network (given the condition as the
+            inferer gives it) predicts the mask there, and that prediction, clamped to [-1, 1], is what the inferer
+            noises at the batch's drawn timesteps; the loss target stays the truth. Training then sees inputs like
+            those of sampling, which starts from pure noise, rather than noised truths only.
 
-    After each call, ``last_batch`` holds the batch's ``timesteps``, ``noise`` and ``loss_weights`` (None without
-    weighting) for the loss.
+    After each call, ``last_batch`` holds the batch's ``timesteps``, ``noise``, ``loss_weights`` (None without
+    weighting), the clean truth ``target`` and the noisy input ``noisy`` the inferer makes from them (None without a
+    scheduler), for the losses.
     """
 
     def __init__(
@@ -52,6 +59,8 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
         scheduler: Scheduler | None = None,
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        network: torch.nn.Module | None = None,
+        recycling: bool = False,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_key)
         self.target_key = target_key
@@ -62,6 +71,14 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
         if loss_weighting != "none" and (scheduler is None or self.flow):
             raise ValueError("loss_weighting 'min_snr' needs the DDPM training scheduler (its alphas_cumprod).")
         self.min_snr_gamma = float(min_snr_gamma)
+        self.recycling = bool(recycling)
+        if self.recycling:
+            check_segmentation_objective(
+                recycling=True, prediction_type=self.prediction_type, diffusion="rflow" if self.flow else "ddpm"
+            )
+            if scheduler is None or network is None:
+                raise ValueError("recycling needs the training scheduler and the network (scheduler, network).")
+        self.network = network
         self.last_batch: dict[str, Any] = {}
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
@@ -96,8 +113,22 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
         weights = None
         if self.loss_weighting == "min_snr":
             weights = min_snr_weights(self.scheduler, timesteps, self.prediction_type, self.min_snr_gamma)
-        self.last_batch = {"timesteps": timesteps, "noise": noise, "loss_weights": weights}
-        return target, self.get_target(target, noise, timesteps), (), infer_kwargs
+        noised = self.recycle(target, infer_kwargs.get("condition")) if self.recycling else target
+        noisy = None if self.scheduler is None else self.scheduler.add_noise(noised, noise, timesteps)
+        self.last_batch = {"timesteps": timesteps, "noise": noise, "loss_weights": weights, "target": target, "noisy": noisy}
+        return noised, self.get_target(target, noise, timesteps), (), infer_kwargs
+
+    @torch.no_grad()
+    def recycle(self, target: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """The network's mask prediction from the truth noised to the last timestep, without gradient: what the
+        inferer noises instead of the truth under ``recycling`` (the loss target stays the truth)."""
+        network = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
+        last = torch.full((target.shape[0],), self.num_train_timesteps - 1, dtype=torch.long, device=target.device)
+        noisy = self.scheduler.add_noise(target, self.get_noise(target), last)  # type: ignore[union-attr]
+        model_input = noisy if condition is None else torch.cat([noisy, condition], dim=1)
+        output = network(x=model_input, timesteps=last, context=None)  # type: ignore[misc]
+        x0 = predicted_x0(self.scheduler, output, noisy, last, self.prediction_type)  # type: ignore[arg-type]
+        return x0.clamp(-1.0, 1.0).to(target.dtype)
 
 
 class SamplingPrepareBatch(PrepareBatch):
