@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from bundle_utils import (
+    BUNDLES,
     TINY_NETWORK,
     TINY_TRAINING,
     TORCHRUN_TWO_PROCESSES,
@@ -21,7 +22,10 @@ from bundle_utils import (
 )
 
 BUNDLE = "image_to_mask"
+BUNDLES_DIR = BUNDLES / BUNDLE / "configs"
 pytestmark = pytest.mark.slow
+#: a tiny condition encoder (encoder_def, also the baseline UNet)
+TINY_ENCODER = {"encoder_def#channels": [8, 8], "encoder_def#strides": [2], "encoder_def#num_res_units": 0}
 TINY_ENSEMBLE = {**TINY_TRAINING, "num_members": 2, "num_inference_steps": 2, "num_val_cases": 1}
 
 
@@ -143,10 +147,11 @@ def test_check_properties_empty_for_train_and_inference(trained):
     assert missing_properties(BUNDLE, **overrides) == {"train.yaml": [], "inference.yaml": []}
 
 
-def test_multi_gpu_config_runs_with_two_gloo_processes_on_cpu(tmp_path):
+@pytest.mark.parametrize("model", [{}, {"condition_encoder": True, "x0_loss_weight": 1.0, **TINY_ENCODER}], ids=["plain", "encoder"])
+def test_multi_gpu_config_runs_with_two_gloo_processes_on_cpu(tmp_path, model):
     write_dataset(tmp_path / "data")
     done = run_bundle_cli(BUNDLE, ["train.yaml", "multi_gpu_train.yaml"], run_id="training", launcher=TORCHRUN_TWO_PROCESSES,
-                          **settings(tmp_path / "data", tmp_path / "b", max_epochs=1, **TINY_ENSEMBLE))
+                          **settings(tmp_path / "data", tmp_path / "b", max_epochs=1, **TINY_ENSEMBLE, **model))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "b" / "models" / "model.pt").exists() and (tmp_path / "b" / "models" / "checkpoint.pt").exists()
 
@@ -156,3 +161,102 @@ def test_wrong_channel_count_stops_before_training(tmp_path):
     done = run_bundle_cli(BUNDLE, ["train.yaml"], run_id="training", **settings(tmp_path / "data", tmp_path / "b", image_channels=2, max_epochs=1, **TINY_TRAINING))
     assert done.returncode != 0
     assert "expected 2 image channel(s), found 1" in done.stderr and "case0.nii.gz" in done.stderr
+
+
+# ---- condition encoder (MedSegDiff), x0 loss and recycling (Fu et al.) ------------------------------------------------
+def test_condition_encoder_with_x0_loss_trains_segments_as_ensemble_and_as_encoder_and_exports(tmp_path):
+    from segdiff.cli import main
+
+    write_dataset(tmp_path / "data")
+    data, root = tmp_path / "data", tmp_path / "b"
+    model = {"condition_encoder": True, **TINY_ENCODER}
+    train(data, root, max_epochs=1, x0_loss_weight=1.0, **model)
+    record = json.loads((root / "models" / "model.json").read_text())
+    assert record["settings"]["condition_encoder"] is True
+    assert record["settings"]["encoder_def"]["_target_"].endswith("UNet") and record["settings"]["encoder_def"]["channels"] == [8, 8]
+    assert record["network"]["class"].endswith("ConditionEncoderDiffusion")
+    objective = record["objective"]
+    assert (objective["x0_loss_weight"], objective["mse_loss_weight"], objective["anchor_loss_weight"]) == (1.0, 1.0, 1.0)
+    assert objective["recycling"] is False and objective["encoder_stop_gradient"] is False
+    weights = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert {k.split(".")[0] for k in weights} == {"diffusion", "encoder"}  # one state dict of one network_def
+
+    # the fused ensemble, and the condition encoder's own segmentation as a one-member ensemble, both on the image grid
+    run_bundle(BUNDLE, ["inference.yaml"], **settings(data, root, num_members=2, num_inference_steps=2, **model))
+    check_outputs(root / "outputs" / "segmentations", data, "case4")
+    encoder_out = root / "segs_encoder"
+    run_bundle(BUNDLE, ["inference.yaml"], **settings(data, root, output_dir=str(encoder_out), segmenter="encoder",
+                                                      save_probabilities=True, **model))
+    labels, _, _ = check_outputs(encoder_out, data, "case4")
+    prob = nib.load(str(encoder_out / "case4_prob.nii.gz")).get_fdata()  # the encoder's softmax
+    np.testing.assert_allclose(prob.sum(axis=-1), 1.0, atol=1e-4)
+    assert np.array_equal(prob.argmax(axis=-1), labels)  # one member: the segmentation is its most probable class
+    evaluate = dict(dataset_dir=str(data), bundle_root=str(root), num_classes=3)
+    run_bundle(BUNDLE, ["evaluate.yaml"], **evaluate, output_dir=str(encoder_out), report_dir=str(tmp_path / "report"))
+    assert json.loads((tmp_path / "report" / "ensemble_evaluation.json").read_text())["fused"]["num_cases"] == 2
+
+    # a config without the encoder is refused naming the key; segmenter encoder needs one
+    error = raises_with('condition_encoder: trained true, configured false', run_bundle, BUNDLE, ["inference.yaml"],
+                        **settings(data, root, output_dir=str(root / "plain"), num_inference_steps=2))
+    assert "--condition_encoder True" in str(error)
+    raises_with("'segmenter' encoder writes the condition encoder's own segmentation, but 'condition_encoder' is false",
+                run_bundle, BUNDLE, ["inference.yaml"], **settings(data, root, output_dir=str(root / "x"), segmenter="encoder"))
+
+    # segdiff export-network: the wrapper as one program network(x, timesteps)
+    command = ["export-network", str(BUNDLES_DIR / "inference.yaml"), "--weights", str(root / "models" / "model.pt"),
+               "--output", str(root / "network.pt2")]
+    for name, value in {**settings(data, root), **model}.items():
+        command += ["--set", f"{name}={value!r}"]
+    assert main(command) == 0 and (root / "network.pt2").exists()
+
+
+def test_recycling_with_sample_prediction_trains_and_segments_on_the_image_grid(tmp_path):
+    write_dataset(tmp_path / "data")
+    data, root = tmp_path / "data", tmp_path / "b"
+    train(data, root, max_epochs=1, prediction_type="sample", recycling=True, x0_loss_weight=1.0)
+    record = json.loads((root / "models" / "model.json").read_text())
+    assert record["objective"]["recycling"] is True and record["settings"]["condition_encoder"] is False
+    assert record["objective"]["anchor_loss_weight"] is None  # no encoder: the weight is not used
+    run_bundle(BUNDLE, ["inference.yaml"], **settings(data, root, num_members=2, num_inference_steps=2, prediction_type="sample"))
+    check_outputs(root / "outputs" / "segmentations", data, "case4")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"x0_loss_weight": -1.0}, "'x0_loss_weight' must be a number >= 0, got -1.0"),
+        ({"mse_loss_weight": 0.0}, "'mse_loss_weight' and 'x0_loss_weight' are both 0"),
+        ({"recycling": True}, "needs 'prediction_type' sample with 'diffusion' ddpm; got prediction_type 'v_prediction'"),
+        ({"encoder_stop_gradient": True}, "'encoder_stop_gradient' true needs 'condition_encoder' true"),
+        ({"condition_encoder": "false"}, "'condition_encoder' must be True or False, got 'false'"),
+    ],
+)
+def test_bad_condition_encoder_and_loss_keys_stop_training_with_their_names(tmp_path, extra, message):
+    write_dataset(tmp_path / "data", splits={"training": 1, "validation": 1})
+    raises_with(message, train, tmp_path / "data", tmp_path / "b", max_epochs=1, **extra)
+    assert not (tmp_path / "b" / "models").exists()  # refused before anything was written
+
+
+def test_unet_baseline_is_the_condition_encoders_network_and_trains_for_max_epochs_without_a_wall_time(tmp_path):
+    write_dataset(tmp_path / "data", shape=(20, 16, 16))
+    common = dict(dataset_dir=str(tmp_path / "data"), bundle_root=str(tmp_path / "b"), num_classes=3, image_size=[16, 16],
+                  **TINY_ENCODER)
+    run_bundle(BUNDLE, ["train.yaml", "train_baseline.yaml"], run_id="training", **common, max_wall_time=0, max_epochs=2,
+               batch_size=8, slices_per_volume=4, num_workers=0, warmup_steps=2)
+    models = tmp_path / "b" / "models"
+    checkpoint = torch.load(models / "baseline_checkpoint.pt", weights_only=False)
+    assert checkpoint["trainer"]["iteration"] == 2 * checkpoint["trainer"]["epoch_length"]  # the epochs decided
+    record = json.loads((models / "baseline.json").read_text())
+    assert record["network"]["class"] == "monai.networks.nets.unet.UNet"
+    assert record["network"]["arguments"]["channels"] == [8, 8] and record["network"]["arguments"]["strides"] == [2]
+    # the same state dict layout as the condition encoder inside the diffusion model
+    weights = torch.load(models / "baseline.pt", weights_only=True)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / "train.yaml"))
+    parser.update({"num_classes": 3, "condition_encoder": True, **TINY_ENCODER, **TINY_NETWORK})
+    encoder = parser.get_parsed_content("network_def").encoder
+    assert {k: tuple(v.shape) for k, v in encoder.state_dict().items()} == {k: tuple(v.shape) for k, v in weights.items()}
+    run_bundle(BUNDLE, ["inference.yaml", "inference_baseline.yaml"], **common)
+    check_outputs(tmp_path / "b" / "outputs" / "segmentations_baseline", tmp_path / "data", "case4")
