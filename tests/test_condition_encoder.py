@@ -335,6 +335,7 @@ def test_recycling_is_refused_unless_the_model_predicts_the_mask_under_ddpm(sche
 @pytest.mark.parametrize(
     "settings, message",
     [
+        ({"recycling": "false"}, "'recycling' must be True or False, got 'false' (on the command line: --recycling True)"),
         ({"mse_loss_weight": -1.0}, "'mse_loss_weight' must be a number >= 0, got -1.0"),
         ({"x0_loss_weight": float("nan")}, "'x0_loss_weight' must be a number >= 0, got nan"),
         ({"anchor_loss_weight": -0.5}, "'anchor_loss_weight' must be a number >= 0, got -0.5"),

@@ -196,6 +196,13 @@ def _non_negative(key: str, value: float) -> float:
     return value
 
 
+def _flag(key: str, value: Any) -> bool:
+    # a command line's "--recycling false" arrives as the string 'false', which Python reads as true
+    if not isinstance(value, bool):
+        raise ConfigKeyError(f"'{key}' must be True or False, got {value!r} (on the command line: --{key} True).")
+    return value
+
+
 def check_segmentation_objective(
     mse_loss_weight: float = 1.0,
     x0_loss_weight: float = 0.0,
@@ -208,6 +215,7 @@ def check_segmentation_objective(
 ) -> None:
     """Refuse (``ConfigKeyError``, naming the keys) loss settings of image_to_mask that train nothing or do not exist.
 
+    - the flags are booleans (a command line's ``false`` would arrive as a string);
     - every weight is a number >= 0, and ``mse_loss_weight`` or ``x0_loss_weight`` is > 0 (something trains the
       diffusion network); ``anchor_loss_weight`` counts only with ``condition_encoder``;
     - ``encoder_stop_gradient`` needs the condition encoder and an ``anchor_loss_weight`` > 0 (otherwise nothing
@@ -216,6 +224,9 @@ def check_segmentation_objective(
       mask, whose re-noised prediction it is trained on against the truth. For epsilon or v the target implied by
       the truth at the recycled input carries 1 / sigma_t factors that blow up at low noise.
     """
+    for key, flag in (("condition_encoder", condition_encoder), ("encoder_stop_gradient", encoder_stop_gradient),
+                      ("recycling", recycling)):
+        _flag(key, flag)
     mse = _non_negative("mse_loss_weight", mse_loss_weight)
     x0 = _non_negative("x0_loss_weight", x0_loss_weight)
     anchor = _non_negative("anchor_loss_weight", anchor_loss_weight)
@@ -339,6 +350,7 @@ def check_segmenter(segmenter: str, condition_encoder: bool) -> str:
     """``segmenter`` if it is one of :data:`SEGMENTERS` and possible: ``encoder`` needs a model with a condition
     encoder (``condition_encoder`` true). Returns it."""
     choice("segmenter", segmenter, SEGMENTERS)
+    _flag("condition_encoder", condition_encoder)
     if segmenter == "encoder" and not condition_encoder:
         raise ConfigKeyError(
             "'segmenter' encoder writes the condition encoder's own segmentation, but 'condition_encoder' is false "
