@@ -202,6 +202,16 @@ def test_condition_encoder_with_x0_loss_trains_segments_as_ensemble_and_as_encod
     raises_with("'segmenter' encoder writes the condition encoder's own segmentation, but 'condition_encoder' is false",
                 run_bundle, BUNDLE, ["inference.yaml"], **settings(data, root, output_dir=str(root / "x"), segmenter="encoder"))
 
+    # MONAI Label's monaibundle path: network_def, model.pt loaded strictly, then inferer(inputs, network)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / "inference.yaml"))
+    parser.update({**settings(data, root, num_members=2, num_inference_steps=2), **model})
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(weights, strict=True)
+    assert parser.get_parsed_content("inferer")(torch.rand(1, 1, 20, 16), network).shape == (1, 2 * 3, 20, 16)
+
     # segdiff export-network: the wrapper as one program network(x, timesteps)
     command = ["export-network", str(BUNDLES_DIR / "inference.yaml"), "--weights", str(root / "models" / "model.pt"),
                "--output", str(root / "network.pt2")]
