@@ -358,3 +358,17 @@ def test_segmenter_encoder_is_refused_for_a_model_without_one():
         check_segmenter("encoder", False)
     with pytest.raises(ConfigKeyError, match="'segmenter' must be one of 'ensemble', 'encoder'; got 'unet'"):
         check_segmenter("unet", True)
+
+
+@pytest.mark.parametrize("name", ["DynUNet", "SegResNet"])
+def test_other_monai_segmentation_networks_serve_as_the_encoder(name):
+    from monai.networks import nets
+
+    arguments = {"DynUNet": dict(kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[8, 8, 8]),
+                 "SegResNet": dict(init_filters=4, blocks_down=[1, 1], blocks_up=[1], norm=("group", {"num_groups": 2}))}[name]
+    factory = functools.partial(getattr(nets, name), spatial_dims=2, in_channels=IMAGE_CHANNELS, out_channels=NUM_CLASSES, **arguments)
+    network = segmentation_diffusion_network(2, NUM_CLASSES + IMAGE_CHANNELS, NUM_CLASSES, condition_encoder=True, encoder=factory, **TINY_UNET)
+    x, t = inputs()
+    assert network(x, timesteps=t).shape == (2, NUM_CLASSES, 16, 16)
+    assert network.last_encoder_logits.shape == (2, NUM_CLASSES, 16, 16)
+    assert describe_encoder(factory)["_target_"].endswith(name)
