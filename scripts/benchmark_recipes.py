@@ -164,7 +164,7 @@ def reference_segmenter(data_dir: Path, output: Path, presets: list[str], extra:
 
 # ---- one recipe ---------------------------------------------------------------------------------------------------
 def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, output: Path, steps: int, eval_every: int,
-                 evaluation: Evaluation, sampler_spec: str, members: int, extra: dict) -> dict:
+                 evaluation: Evaluation, sampler_spec: str, members: int, extra: dict, online: bool = False) -> dict:
     from ignite.engine import Events
 
     import math
@@ -181,6 +181,7 @@ def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, out
     trainer = parser.get_parsed_content("train#trainer")
     parser.get_parsed_content("ema").attach(trainer)
     ema_network = parser.get_parsed_content("ema_network")
+    online_network = parser.get_parsed_content("network")
     sampler, sampler_name = sampler_for(parser, sampler_spec, recipe, members, bundle)
     points: list[dict] = []
     clock = {"train": 0.0, "since": time.time()}
@@ -191,6 +192,13 @@ def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, out
         points.append({"step": engine.state.iteration, "train_seconds": round(clock["train"], 1), **result})
         print(f"  {name}: step {engine.state.iteration}, {clock['train']:.0f} s of training: mean Dice "
               f"{result['mean_dice']} {result['per_class_dice']}", flush=True)
+        if online:  # the weights being trained, without the EMA's averaging (and its lag)
+            was_training = online_network.training
+            scores = evaluation(online_network, sampler)
+            online_network.train(was_training)
+            points[-1]["online"] = {k: scores[k] for k in ("mean_dice", "per_class_dice")}
+            print(f"  {name}: step {engine.state.iteration}, online weights: mean Dice {scores['mean_dice']} "
+                  f"{scores['per_class_dice']}", flush=True)
         clock["since"] = time.time()
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=eval_every), evaluate)
@@ -242,6 +250,10 @@ def write_table(results: dict, path: Path) -> str:
         cells = [str(by_step[s]["mean_dice"]) if s in by_step else "" for s in steps]
         last = run["points"][-1]
         lines.append(f"| {name} | {run['sampler']} | " + " | ".join(cells) + f" | {last['per_class_dice']} | {last['train_seconds']} |")
+        if "online" in last:
+            cells = [str(by_step[s]["online"]["mean_dice"]) if s in by_step and "online" in by_step[s] else "" for s in steps]
+            lines.append(f"| {name} (online weights, no EMA) | {run['sampler']} | " + " | ".join(cells)
+                         + f" | {last['online']['per_class_dice']} | |")
     for name, rows in results.get("sweeps", {}).items():
         lines += ["", f"sampling steps for recipe {name} (its weights after the last step; seconds per slice on this machine, "
                       + ("members of an ensemble slice counted once" if results["bundle"] == "image_to_mask" else "one image per slice")
@@ -264,7 +276,11 @@ def write_plot(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, run in results["recipes"].items():
         points = [p for p in run["points"] if p["mean_dice"] is not None]
-        axes.plot([p["step"] for p in points], [p["mean_dice"] for p in points], marker="o", label=name)
+        line, = axes.plot([p["step"] for p in points], [p["mean_dice"] for p in points], marker="o", label=name)
+        online = [p for p in points if p.get("online", {}).get("mean_dice") is not None]
+        if online:
+            axes.plot([p["step"] for p in online], [p["online"]["mean_dice"] for p in online], marker=".", linestyle=":",
+                      color=line.get_color(), label=f"{name} (online weights)")
     if results.get("ceiling"):
         axes.axhline(results["ceiling"]["mean_dice"], color="grey", linestyle="--", label="real-image ceiling")
     axes.set_xlabel("training steps")
@@ -289,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=5, help="image_to_mask: ensemble members fused")
     parser.add_argument("--data", help="demo data folder (written there if missing; default <output>/data)")
     parser.add_argument("--output", default="benchmarks/recipes", help="folder for runs and results")
+    parser.add_argument("--online", action="store_true", help="also score the online (non-EMA) weights at every point")
     parser.add_argument("--override", nargs="*", default=[], help="extra key=value (Python literal) for every recipe")
     parser.add_argument("--sweep", nargs="*", default=[], help="sampler:steps entries to score the --sweep-recipe's final "
                         "weights with, e.g. ddim:5 ddim:10 dpm_solver:10 ddpm:1000 (euler:N for rflow recipes)")
@@ -341,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         torch.manual_seed(0)
         run = train_recipe(args.bundle, name, presets, data_dir, output, args.steps, args.eval_every, evaluation,
-                           sampler_spec, args.members, extra)
+                           sampler_spec, args.members, extra, online=args.online)
         run["extra"] = extra
         results["recipes"][name] = run
         results_path.write_text(json.dumps(results, indent=1))

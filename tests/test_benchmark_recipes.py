@@ -64,11 +64,16 @@ def test_mask_to_image_recipes_are_scored_at_each_point_swept_and_not_trained_tw
 
 
 @pytest.mark.slow
-def test_image_to_mask_recipes_are_scored_by_the_fused_ensemble(tmp_path):
-    results, _ = tiny_run(tmp_path, "image_to_mask", ["v+min_snr"])
+def test_image_to_mask_recipes_are_scored_by_the_fused_ensemble_with_and_without_ema(tmp_path):
+    results, _ = tiny_run(tmp_path, "image_to_mask", ["v+min_snr"], extra=["--online"])
     assert results["bundle"] == "image_to_mask" and "ceiling" not in results
-    check_points(results["recipes"]["v+min_snr"])
-    assert (tmp_path / "out" / "recipes.md").read_text().startswith("fused ensemble mean Dice")
+    run = results["recipes"]["v+min_snr"]
+    check_points(run)
+    for point in run["points"]:  # --online: the weights being trained are scored beside the EMA weights
+        assert 0.0 <= point["online"]["mean_dice"] <= 1.0 and len(point["online"]["per_class_dice"]) == 2
+    table = (tmp_path / "out" / "recipes.md").read_text()
+    assert table.startswith("fused ensemble mean Dice")
+    assert "| v+min_snr (online weights, no EMA) | ddim-2 |" in table
 
 
 def test_unknown_recipes_are_refused_with_the_known_names(tmp_path, capsys):
