@@ -45,15 +45,26 @@ RECIPES: dict[str, dict] = {
     "rflow": {"diffusion": "rflow", "prediction_type": "v_prediction", "timestep_sampling": "uniform", "sampler": "euler"},
     "rflow+logit_normal": {"diffusion": "rflow", "prediction_type": "v_prediction", "timestep_sampling": "logit_normal",
                            "sampler": "euler"},
+    # image_to_mask only: the condition encoder, the x0 segmentation loss and recycling (issue 12) ...
+    "v+min_snr+encoder": {"prediction_type": "v_prediction", "loss_weighting": "min_snr", "condition_encoder": True},
+    "v+min_snr+encoder+x0": {"prediction_type": "v_prediction", "loss_weighting": "min_snr", "condition_encoder": True,
+                             "x0_loss_weight": 1.0},
+    "sample+encoder+x0+recycling": {"prediction_type": "sample", "condition_encoder": True, "x0_loss_weight": 1.0,
+                                    "recycling": True},
+    # ... and the condition encoder trained alone (train_baseline.yaml: the same network as encoder_def, DiceCE),
+    # scored by the argmax of its softmax, for as many steps as the diffusion recipes
+    "encoder_alone": {"baseline": True, "max_wall_time": 0},
 }
+BASELINE_CONFIG = "train_baseline.yaml"
 DEFAULT_SAMPLER = {"mask_to_image": "ddim:50", "image_to_mask": "dpm_solver:10"}
 
 
-def bundle_parser(bundle: str, config: str, presets: list[str], overrides: dict):
+def bundle_parser(bundle: str, config: str | list[str], presets: list[str], overrides: dict):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles" / bundle / "configs" / config)] + [str(REPO / p) for p in presets])
+    configs = [config] if isinstance(config, str) else config
+    parser.read_config([str(REPO / "bundles" / bundle / "configs" / c) for c in configs] + [str(REPO / p) for p in presets])
     parser.update(overrides)
     return parser
 
@@ -148,6 +159,18 @@ class Evaluation:
         result["eval_seconds"] = round(time.time() - started, 1)
         return result
 
+    @torch.no_grad()
+    def segmenter_scores(self, network: torch.nn.Module) -> dict:
+        """image_to_mask baseline: the argmax of a plain segmenter's logits on the test slices."""
+        started, images = time.time(), self.slices["image"]
+        was_training = network.training
+        network.eval()
+        prediction = torch.cat([network(images[i:i + 64]).argmax(dim=1, keepdim=True) for i in range(0, len(images), 64)])
+        network.train(was_training)
+        result = summary(dice_per_class(prediction, self.slices["label"], self.num_classes))
+        result["eval_seconds"] = round(time.time() - started, 1)
+        return result
+
 
 def reference_segmenter(data_dir: Path, output: Path, presets: list[str], extra: dict) -> torch.nn.Module:
     """evaluate.yaml's reference segmenter, trained once on the real training images (reused when it exists)."""
@@ -169,30 +192,37 @@ def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, out
 
     import math
 
-    recipe = RECIPES[name]
+    recipe = dict(RECIPES[name])
+    baseline = recipe.pop("baseline", False)
+    if baseline and bundle != "image_to_mask":
+        raise SystemExit(f"recipe {name} is image_to_mask's baseline")
+    configs = ["train.yaml", BASELINE_CONFIG] if baseline else "train.yaml"
     root = output / name.replace("+", "_")
     overrides = {"dataset_dir": str(data_dir), "bundle_root": str(root), "overwrite": True, "num_workers": 0, **extra, **recipe}
-    probe = bundle_parser(bundle, "train.yaml", presets, overrides)  # steps per epoch, without building anything
+    probe = bundle_parser(bundle, configs, presets, overrides)  # steps per epoch, without building anything
     cases = len(probe.get_parsed_content("train#dataset#data"))
     steps_per_epoch = math.ceil(cases / probe.get_parsed_content("cases_per_batch"))
     epochs = max(1, round(steps / steps_per_epoch))
-    parser = bundle_parser(bundle, "train.yaml", presets, {**overrides, "max_epochs": epochs})
+    parser = bundle_parser(bundle, configs, presets, {**overrides, "max_epochs": epochs})
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content("train#trainer")
-    parser.get_parsed_content("ema").attach(trainer)
-    ema_network = parser.get_parsed_content("ema_network")
     online_network = parser.get_parsed_content("network")
-    sampler, sampler_name = sampler_for(parser, sampler_spec, recipe, members, bundle)
+    if baseline:  # a plain segmenter: no EMA, no sampler
+        ema_network, sampler, sampler_name = None, None, "argmax"
+    else:
+        parser.get_parsed_content("ema").attach(trainer)
+        ema_network = parser.get_parsed_content("ema_network")
+        sampler, sampler_name = sampler_for(parser, sampler_spec, recipe, members, bundle)
     points: list[dict] = []
     clock = {"train": 0.0, "since": time.time()}
 
     def evaluate(engine) -> None:
         clock["train"] += time.time() - clock["since"]
-        result = evaluation(ema_network, sampler)
+        result = evaluation.segmenter_scores(online_network) if baseline else evaluation(ema_network, sampler)
         points.append({"step": engine.state.iteration, "train_seconds": round(clock["train"], 1), **result})
         print(f"  {name}: step {engine.state.iteration}, {clock['train']:.0f} s of training: mean Dice "
               f"{result['mean_dice']} {result['per_class_dice']}", flush=True)
-        if online:  # the weights being trained, without the EMA's averaging (and its lag)
+        if online and not baseline:  # the weights being trained, without the EMA's averaging (and its lag)
             was_training = online_network.training
             scores = evaluation(online_network, sampler)
             online_network.train(was_training)
@@ -207,7 +237,7 @@ def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, out
     print(f"\n== {bundle} recipe {name} ({recipe}): {epochs} epochs x {steps_per_epoch} steps", flush=True)
     trainer.run()
     parser.get_parsed_content("summary_writer").close()
-    return {"recipe": name, "overrides": recipe, "steps": epochs * steps_per_epoch, "sampler": sampler_name,
+    return {"recipe": name, "overrides": RECIPES[name], "steps": epochs * steps_per_epoch, "sampler": sampler_name,
             "points": points}
 
 
@@ -365,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.sweep:
         name = args.sweep_recipe or args.recipes[0]
+        if RECIPES[name].get("baseline"):
+            raise SystemExit(f"--sweep-recipe {name} is a plain segmenter: it has no sampler to sweep.")
         if name not in results["recipes"]:
             raise SystemExit(f"--sweep-recipe {name} has not been trained in {output}: add it to --recipes.")
         print(f"\n== sampling sweep of {name}", flush=True)

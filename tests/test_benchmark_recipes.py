@@ -76,6 +76,18 @@ def test_image_to_mask_recipes_are_scored_by_the_fused_ensemble_with_and_without
     assert "| v+min_snr (online weights, no EMA) | ddim-2 |" in table
 
 
+@pytest.mark.slow
+def test_image_to_mask_condition_encoder_recipes_and_the_encoder_alone_are_scored(tmp_path):
+    results, _ = tiny_run(tmp_path, "image_to_mask", ["v+min_snr+encoder+x0", "encoder_alone"])
+    check_points(results["recipes"]["v+min_snr+encoder+x0"])
+    alone = results["recipes"]["encoder_alone"]
+    check_points(alone)
+    assert alone["sampler"] == "argmax" and alone["overrides"] == {"baseline": True, "max_wall_time": 0}
+    # the baseline really trained train_baseline.yaml's network: its weights and record are where that config writes
+    assert (tmp_path / "out" / "encoder_alone" / "models" / "baseline.pt").exists()
+    assert "| encoder_alone | argmax |" in (tmp_path / "out" / "recipes.md").read_text()
+
+
 def test_unknown_recipes_are_refused_with_the_known_names(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_script().main(["--recipes", "v", "x0", "--output", str(tmp_path)])
