@@ -60,6 +60,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.networks.schedulers import Scheduler
+from segdiff.engine.objective import x0_from_output
 
 __all__ = ["DPMSolverScheduler", "PREDICTION_TYPES", "TIMESTEP_SPACINGS"]
 
@@ -171,12 +172,7 @@ class DPMSolverScheduler(Scheduler):
         return float(np.sqrt(abar)), float(np.sqrt(1.0 - abar))
 
     def _to_x0(self, model_output: torch.Tensor, sample: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            x0 = (sample - sigma * model_output) / alpha
-        elif self.prediction_type == "v_prediction":
-            x0 = alpha * sample - sigma * model_output
-        else:
-            x0 = model_output
+        x0 = x0_from_output(model_output, sample, alpha, sigma, self.prediction_type)
         if self.clip_sample:
             x0 = torch.clamp(x0, self.clip_sample_values[0], self.clip_sample_values[1])
         return x0
