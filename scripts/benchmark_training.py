@@ -159,11 +159,15 @@ def read_settings(files: list[str], overrides: dict) -> dict:
     keys = ("image_size", "batch_size", "num_workers", "prediction_type", "noise_schedule", "max_grad_norm", "ema_momentum",
             "warmup_steps", "num_train_timesteps")
     settings = {k: parser.get_parsed_content(k) for k in keys}
-    # the loop below is the seeds' objective: DDPM with an unweighted MSE (configs without these keys train that too)
-    for key, expected in (("diffusion", "ddpm"), ("loss_weighting", "none")):
-        found = parser.get_parsed_content(key) if key in parser else expected
-        if found != expected:
-            raise ValueError(f"{key} = {found!r} in {files}: the diffusers-style loop mirrors only {key} {expected!r}")
+    # the loop below is the seeds' objective: DDPM with an MSE, unweighted or min-SNR-weighted as diffusers' training
+    # examples write it (snr_gamma); configs without these keys train DDPM with the plain MSE
+    diffusion = parser.get_parsed_content("diffusion") if "diffusion" in parser else "ddpm"
+    if diffusion != "ddpm":
+        raise ValueError(f"diffusion = {diffusion!r} in {files}: the diffusers-style loop mirrors only diffusion 'ddpm'")
+    weighting = parser.get_parsed_content("loss_weighting") if "loss_weighting" in parser else "none"
+    if weighting not in ("none", "min_snr"):
+        raise ValueError(f"loss_weighting = {weighting!r} in {files}: the diffusers-style loop mirrors none or min_snr")
+    settings["min_snr_gamma"] = parser.get_parsed_content("min_snr_gamma") if weighting == "min_snr" else None
     settings.update(
         network_def=network_def,
         learning_rate=parser.get_parsed_content("optimizer#lr"),
@@ -227,6 +231,9 @@ class DiffusersStyleLoop:
         self._batches = iter(self.loader)
         self.batch_size = settings["batch_size"]
         self.clock = clock
+        self.min_snr_gamma = settings.get("min_snr_gamma")
+        alphas_cumprod = self.scheduler.alphas_cumprod.float()
+        self.snr = alphas_cumprod / (1 - alphas_cumprod)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -251,7 +258,14 @@ class DiffusersStyleLoop:
             else:
                 target = clean if self.scheduler.config.prediction_type == "sample" else noise
             pred = self.model(torch.cat([noisy, condition], dim=1), timesteps).sample
-            loss = torch.nn.functional.mse_loss(pred, target)
+            if self.min_snr_gamma is None:
+                loss = torch.nn.functional.mse_loss(pred, target)
+            else:  # min(SNR, gamma) on the x0 loss, expressed for the network's target
+                snr = self.snr[timesteps]
+                weights = torch.clamp(snr, max=self.min_snr_gamma)
+                kind = self.scheduler.config.prediction_type
+                weights = weights / (snr + 1) if kind == "v_prediction" else weights / snr if kind == "epsilon" else weights
+                loss = (weights * (pred - target).pow(2).flatten(1).mean(dim=1)).mean()
             loss.backward()
             if self.max_grad_norm and self.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
