@@ -56,6 +56,9 @@ RECIPES: dict[str, dict] = {
     "encoder_alone": {"baseline": True, "max_wall_time": 0},
 }
 BASELINE_CONFIG = "train_baseline.yaml"
+#: image_to_mask keys every recipe starts from (its earlier defaults, with which the recipes were measured): a recipe
+#: switches on what it names
+IMAGE_TO_MASK_BASE = {"condition_encoder": False, "x0_loss_weight": 0.0, "recycling": False, "prediction_type": "v_prediction"}
 DEFAULT_SAMPLER = {"mask_to_image": "ddim:50", "image_to_mask": "dpm_solver:10"}
 
 
@@ -153,10 +156,18 @@ class Evaluation:
         if self.bundle == "mask_to_image":
             prediction = self.segment(samples.clamp(-1, 1))
         else:
-            fused = [member_probabilities(s, self.members).mean(dim=0).argmax(dim=0, keepdim=True) for s in samples]
-            prediction = torch.stack(fused)
+            mean_probabilities = torch.stack([member_probabilities(s, self.members).mean(dim=0) for s in samples])
+            prediction = mean_probabilities.argmax(dim=1, keepdim=True)
         result = summary(dice_per_class(prediction, self.slices["label"], self.num_classes))
         result["eval_seconds"] = round(time.time() - started, 1)
+        if self.bundle == "image_to_mask" and hasattr(network, "encoder"):
+            # a condition encoder inside: its own segmentation, and the diffusion ensemble fused with it (1:1)
+            with torch.no_grad():
+                encoder = torch.cat([network(self.condition[i:i + 64]).softmax(dim=1) for i in range(0, len(samples), 64)])
+            truth = self.slices["label"]
+            result["encoder"] = summary(dice_per_class(encoder.argmax(dim=1, keepdim=True), truth, self.num_classes))
+            both = (mean_probabilities + encoder).argmax(dim=1, keepdim=True)
+            result["with_encoder"] = summary(dice_per_class(both, truth, self.num_classes))
         return result
 
     @torch.no_grad()
@@ -192,7 +203,7 @@ def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, out
 
     import math
 
-    recipe = dict(RECIPES[name])
+    recipe = {**(IMAGE_TO_MASK_BASE if bundle == "image_to_mask" else {}), **RECIPES[name]}
     baseline = recipe.pop("baseline", False)
     if baseline and bundle != "image_to_mask":
         raise SystemExit(f"recipe {name} is image_to_mask's baseline")
@@ -222,6 +233,10 @@ def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, out
         points.append({"step": engine.state.iteration, "train_seconds": round(clock["train"], 1), **result})
         print(f"  {name}: step {engine.state.iteration}, {clock['train']:.0f} s of training: mean Dice "
               f"{result['mean_dice']} {result['per_class_dice']}", flush=True)
+        for part in ("encoder", "with_encoder"):
+            if part in result:
+                print(f"  {name}: step {engine.state.iteration}, {part}: mean Dice {result[part]['mean_dice']} "
+                      f"{result[part]['per_class_dice']}", flush=True)
         if online and not baseline:  # the weights being trained, without the EMA's averaging (and its lag)
             was_training = online_network.training
             scores = evaluation(online_network, sampler)
@@ -244,7 +259,7 @@ def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, out
 def sampling_sweep(bundle: str, name: str, presets: list[str], data_dir: Path, output: Path, specs: list[str],
                    evaluation: Evaluation, members: int, extra: dict) -> list[dict]:
     """Quality and seconds per slice of one trained recipe's EMA weights (its models/model.pt) for each sampler:steps."""
-    recipe = RECIPES[name]
+    recipe = {**(IMAGE_TO_MASK_BASE if bundle == "image_to_mask" else {}), **RECIPES[name]}
     root = output / name.replace("+", "_")
     parser = bundle_parser(bundle, "train.yaml", presets,
                            {"dataset_dir": str(data_dir), "bundle_root": str(root), "num_workers": 0, **extra, **recipe})
@@ -268,6 +283,11 @@ def sampling_sweep(bundle: str, name: str, presets: list[str], data_dir: Path, o
 
 
 # ---- reporting ----------------------------------------------------------------------------------------------------
+#: extra scores of an evaluation point -> their row label
+PARTS = {"online": "online weights, no EMA", "encoder": "its condition encoder alone, argmax",
+         "with_encoder": "ensemble + its encoder's softmax, 1:1"}
+
+
 def write_table(results: dict, path: Path) -> str:
     runs = results["recipes"]
     steps = sorted({p["step"] for r in runs.values() for p in r["points"]})
@@ -280,10 +300,11 @@ def write_table(results: dict, path: Path) -> str:
         cells = [str(by_step[s]["mean_dice"]) if s in by_step else "" for s in steps]
         last = run["points"][-1]
         lines.append(f"| {name} | {run['sampler']} | " + " | ".join(cells) + f" | {last['per_class_dice']} | {last['train_seconds']} |")
-        if "online" in last:
-            cells = [str(by_step[s]["online"]["mean_dice"]) if s in by_step and "online" in by_step[s] else "" for s in steps]
-            lines.append(f"| {name} (online weights, no EMA) | {run['sampler']} | " + " | ".join(cells)
-                         + f" | {last['online']['per_class_dice']} | |")
+        for part, label in PARTS.items():
+            if part in last:
+                cells = [str(by_step[s][part]["mean_dice"]) if s in by_step and part in by_step[s] else "" for s in steps]
+                lines.append(f"| {name} ({label}) | {run['sampler']} | " + " | ".join(cells)
+                             + f" | {last[part]['per_class_dice']} | |")
     for name, rows in results.get("sweeps", {}).items():
         lines += ["", f"sampling steps for recipe {name} (its weights after the last step; seconds per slice on this machine, "
                       + ("members of an ensemble slice counted once" if results["bundle"] == "image_to_mask" else "one image per slice")

@@ -80,12 +80,17 @@ def test_image_to_mask_recipes_are_scored_by_the_fused_ensemble_with_and_without
 def test_image_to_mask_condition_encoder_recipes_and_the_encoder_alone_are_scored(tmp_path):
     results, _ = tiny_run(tmp_path, "image_to_mask", ["v+min_snr+encoder+x0", "encoder_alone"])
     check_points(results["recipes"]["v+min_snr+encoder+x0"])
+    for point in results["recipes"]["v+min_snr+encoder+x0"]["points"]:  # the encoder inside, alone and fused with
+        for part in ("encoder", "with_encoder"):
+            assert 0.0 <= point[part]["mean_dice"] <= 1.0 and len(point[part]["per_class_dice"]) == 2
     alone = results["recipes"]["encoder_alone"]
     check_points(alone)
     assert alone["sampler"] == "argmax" and alone["overrides"] == {"baseline": True, "max_wall_time": 0}
     # the baseline really trained train_baseline.yaml's network: its weights and record are where that config writes
     assert (tmp_path / "out" / "encoder_alone" / "models" / "baseline.pt").exists()
-    assert "| encoder_alone | argmax |" in (tmp_path / "out" / "recipes.md").read_text()
+    table = (tmp_path / "out" / "recipes.md").read_text()
+    assert "| encoder_alone | argmax |" in table
+    assert "| v+min_snr+encoder+x0 (its condition encoder alone, argmax) |" in table
 
 
 def test_unknown_recipes_are_refused_with_the_known_names(tmp_path, capsys):

@@ -27,10 +27,16 @@ pytestmark = pytest.mark.slow
 #: a tiny condition encoder (encoder_def, also the baseline UNet)
 TINY_ENCODER = {"encoder_def#channels": [8, 8], "encoder_def#strides": [2], "encoder_def#num_res_units": 0}
 TINY_ENSEMBLE = {**TINY_TRAINING, "num_members": 2, "num_inference_steps": 2, "num_val_cases": 1}
+#: the model of earlier releases: plain diffusion (no condition encoder), v-prediction, MSE only
+PLAIN_DIFFUSION = {"condition_encoder": False, "x0_loss_weight": 0.0, "recycling": False, "prediction_type": "v_prediction"}
 
 
 def settings(data_root, bundle_root, **extra):
-    return dict(dataset_dir=str(data_root), bundle_root=str(bundle_root), num_classes=3, image_size=[16, 16], **TINY_NETWORK, **extra)
+    """The bundle's defaults (condition encoder, x0 loss) at tiny sizes, but v-prediction without recycling: a tiny model
+    trained for 2 epochs to predict the mask still returns its zero-initialised output layer's constant, so its
+    members would not differ (the recycling test and the encoder test train the default objective); plus ``extra``."""
+    return dict(dataset_dir=str(data_root), bundle_root=str(bundle_root), num_classes=3, image_size=[16, 16],
+                **{**TINY_NETWORK, **TINY_ENCODER, "prediction_type": "v_prediction", "recycling": False, **extra})
 
 
 def train(data_root, bundle_root, **extra):
@@ -91,10 +97,11 @@ def test_segmentation_with_uncertainty_members_and_probabilities_on_the_image_gr
 def test_evaluate_scores_fused_and_single_member_with_uncertainty_auroc_and_calibration(trained):
     out = trained / "bundle" / "for_eval"
     common = settings(trained / "data", trained / "bundle", output_dir=str(out))
-    raises_with("inference output(s) missing", run_bundle, BUNDLE, ["evaluate.yaml"], **{k: v for k, v in common.items() if not k.startswith("network_def")})
+    raises_with("inference output(s) missing", run_bundle, BUNDLE, ["evaluate.yaml"],
+                **{k: v for k, v in common.items() if not k.startswith(("network_def", "encoder_def"))})
     run_bundle(BUNDLE, ["inference.yaml"], **common, num_members=3, num_inference_steps=2, save_probabilities=True, save_members=True)
     report_dir = trained / "bundle" / "report"
-    evaluate = {k: v for k, v in common.items() if not k.startswith("network_def") and k != "image_size"}
+    evaluate = {k: v for k, v in common.items() if not k.startswith(("network_def", "encoder_def")) and k != "image_size"}
     run_bundle(BUNDLE, ["evaluate.yaml"], **evaluate, report_dir=str(report_dir))
     report = json.loads((report_dir / "ensemble_evaluation.json").read_text())
     assert report["fused"]["num_cases"] == 2 and report["single_member"]["num_cases"] == 2
@@ -147,7 +154,7 @@ def test_check_properties_empty_for_train_and_inference(trained):
     assert missing_properties(BUNDLE, **overrides) == {"train.yaml": [], "inference.yaml": []}
 
 
-@pytest.mark.parametrize("model", [{}, {"condition_encoder": True, "x0_loss_weight": 1.0, **TINY_ENCODER}], ids=["plain", "encoder"])
+@pytest.mark.parametrize("model", [PLAIN_DIFFUSION, {}], ids=["plain", "encoder"])
 def test_multi_gpu_config_runs_with_two_gloo_processes_on_cpu(tmp_path, model):
     write_dataset(tmp_path / "data")
     done = run_bundle_cli(BUNDLE, ["train.yaml", "multi_gpu_train.yaml"], run_id="training", launcher=TORCHRUN_TWO_PROCESSES,
@@ -169,15 +176,15 @@ def test_condition_encoder_with_x0_loss_trains_segments_as_ensemble_and_as_encod
 
     write_dataset(tmp_path / "data")
     data, root = tmp_path / "data", tmp_path / "b"
-    model = {"condition_encoder": True, **TINY_ENCODER}
-    train(data, root, max_epochs=1, x0_loss_weight=1.0, **model)
+    model = {"condition_encoder": True, "prediction_type": "sample", **TINY_ENCODER}  # the default objective
+    train(data, root, max_epochs=1, x0_loss_weight=1.0, recycling=True, **model)
     record = json.loads((root / "models" / "model.json").read_text())
     assert record["settings"]["condition_encoder"] is True
     assert record["settings"]["encoder_def"]["_target_"].endswith("UNet") and record["settings"]["encoder_def"]["channels"] == [8, 8]
     assert record["network"]["class"].endswith("ConditionEncoderDiffusion")
     objective = record["objective"]
     assert (objective["x0_loss_weight"], objective["mse_loss_weight"], objective["anchor_loss_weight"]) == (1.0, 1.0, 1.0)
-    assert objective["recycling"] is False and objective["encoder_stop_gradient"] is False
+    assert objective["recycling"] is True and objective["encoder_stop_gradient"] is False  # the defaults
     weights = torch.load(root / "models" / "model.pt", weights_only=True)
     assert {k.split(".")[0] for k in weights} == {"diffusion", "encoder"}  # one state dict of one network_def
 
@@ -197,10 +204,11 @@ def test_condition_encoder_with_x0_loss_trains_segments_as_ensemble_and_as_encod
 
     # a config without the encoder is refused naming the key; segmenter encoder needs one
     error = raises_with('condition_encoder: trained true, configured false', run_bundle, BUNDLE, ["inference.yaml"],
-                        **settings(data, root, output_dir=str(root / "plain"), num_inference_steps=2))
+                        **settings(data, root, output_dir=str(root / "plain"), num_inference_steps=2, condition_encoder=False))
     assert "--condition_encoder True" in str(error)
     raises_with("'segmenter' encoder writes the condition encoder's own segmentation, but 'condition_encoder' is false",
-                run_bundle, BUNDLE, ["inference.yaml"], **settings(data, root, output_dir=str(root / "x"), segmenter="encoder"))
+                run_bundle, BUNDLE, ["inference.yaml"], **settings(data, root, output_dir=str(root / "x"), segmenter="encoder",
+                                                                   condition_encoder=False))
 
     # MONAI Label's monaibundle path: network_def, model.pt loaded strictly, then inferer(inputs, network)
     from monai.bundle import ConfigParser
@@ -223,11 +231,12 @@ def test_condition_encoder_with_x0_loss_trains_segments_as_ensemble_and_as_encod
 def test_recycling_with_sample_prediction_trains_and_segments_on_the_image_grid(tmp_path):
     write_dataset(tmp_path / "data")
     data, root = tmp_path / "data", tmp_path / "b"
-    train(data, root, max_epochs=1, prediction_type="sample", recycling=True, x0_loss_weight=1.0)
+    train(data, root, max_epochs=1, prediction_type="sample", recycling=True, x0_loss_weight=1.0, condition_encoder=False)
     record = json.loads((root / "models" / "model.json").read_text())
     assert record["objective"]["recycling"] is True and record["settings"]["condition_encoder"] is False
     assert record["objective"]["anchor_loss_weight"] is None  # no encoder: the weight is not used
-    run_bundle(BUNDLE, ["inference.yaml"], **settings(data, root, num_members=2, num_inference_steps=2, prediction_type="sample"))
+    run_bundle(BUNDLE, ["inference.yaml"], **settings(data, root, num_members=2, num_inference_steps=2, prediction_type="sample",
+                                                      condition_encoder=False))
     check_outputs(root / "outputs" / "segmentations", data, "case4")
 
 
@@ -235,9 +244,9 @@ def test_recycling_with_sample_prediction_trains_and_segments_on_the_image_grid(
     "extra, message",
     [
         ({"x0_loss_weight": -1.0}, "'x0_loss_weight' must be a number >= 0, got -1.0"),
-        ({"mse_loss_weight": 0.0}, "'mse_loss_weight' and 'x0_loss_weight' are both 0"),
+        ({"mse_loss_weight": 0.0, "x0_loss_weight": 0.0}, "'mse_loss_weight' and 'x0_loss_weight' are both 0"),
         ({"recycling": True}, "needs 'prediction_type' sample with 'diffusion' ddpm; got prediction_type 'v_prediction'"),
-        ({"encoder_stop_gradient": True}, "'encoder_stop_gradient' true needs 'condition_encoder' true"),
+        ({"encoder_stop_gradient": True, "condition_encoder": False}, "'encoder_stop_gradient' true needs 'condition_encoder' true"),
         ({"condition_encoder": "false"}, "'condition_encoder' must be True or False, got 'false'"),
     ],
 )

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import TINY_NETWORK, TINY_TRAINING, write_dataset
+from bundle_utils import BUNDLES, TINY_NETWORK, TINY_TRAINING, write_dataset
 
 from segdiff.errors import SegdiffError
 
@@ -61,6 +61,24 @@ def tiny_weights(in_channels: int, out_channels: int, seed: int = 1234) -> dict:
         num_head_channels=TINY_NETWORK["network_def#num_head_channels"],
         norm_num_groups=TINY_NETWORK["network_def#norm_num_groups"],
     )
+    return network.state_dict()
+
+
+#: image_to_mask is served with its default model, the condition encoder inside (a tiny one)
+TINY_ENCODER = {"encoder_def#channels": [8, 8], "encoder_def#strides": [2], "encoder_def#num_res_units": 0}
+
+
+def tiny_encoder_weights(seed: int = 1234) -> dict:
+    """A state dict of image_to_mask's default network_def (diffusion UNet + condition encoder, one module) at the tiny
+    sizes, built by the bundle's own inference.yaml, from a seed the bundles never use."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "image_to_mask" / "configs" / "inference.yaml"))
+    parser.update({**TINY_NETWORK, **TINY_ENCODER, "num_classes": NUM_CLASSES, "image_size": [16, 16]})
+    torch.manual_seed(seed)
+    network = parser.get_parsed_content("network_def")
+    assert hasattr(network, "encoder"), "image_to_mask's default network_def has no condition encoder"
     return network.state_dict()
 
 
@@ -129,13 +147,16 @@ def server(venv, tmp_path_factory):
     shutil.copy(data / "labels" / "case4.nii.gz", studies / "mask4.nii.gz")
 
     weights = {"image_to_mask": root / "image_to_mask.pt", "mask_to_image": root / "mask_to_image.pt"}
-    torch.save(tiny_weights(NUM_CLASSES + 1, NUM_CLASSES), weights["image_to_mask"])  # noisy one-hot mask + image
+    torch.save(tiny_encoder_weights(), weights["image_to_mask"])  # noisy one-hot mask + image (+ the encoder inside)
     torch.save(tiny_weights(1 + NUM_CLASSES, 1), weights["mask_to_image"])  # noisy image + one-hot mask
     small = {**TINY_NETWORK, "image_size": [16, 16]}
     # disagreement: a fraction of the members, so the map shows how many members the request asked for; validation
     # every 5 epochs (the default) does not run in a 1-epoch /train, which must still write model.pt
     training = {k: v for k, v in TINY_TRAINING.items() if k != "val_interval"}
-    bundles = {"image_to_mask": {**small, **training, "uncertainty": "disagreement"}, "mask_to_image": {**small, **training}}
+    # v-prediction: untrained, a mask-predicting network returns its zero output layer's constant for every member
+    bundles = {"image_to_mask": {**small, **TINY_ENCODER, "prediction_type": "v_prediction", "recycling": False, **training,
+                                 "uncertainty": "disagreement"},
+               "mask_to_image": {**small, **training}}
     app = setup.prepare_app(venv, root / "app", bundles, weights)
 
     port = free_port()

@@ -177,12 +177,14 @@ def test_rectified_flow_mask_to_image_trains_and_samples_with_euler_on_the_mask_
 @pytest.mark.slow
 def test_rectified_flow_image_to_mask_segments_on_the_image_grid(tmp_path):
     write_dataset(tmp_path / "data", shape=(12, 16, 16))
-    extra = {"diffusion": "rflow", "sampler": "euler", "num_members": 2, "num_val_cases": 1}
+    extra = {"diffusion": "rflow", "sampler": "euler", "num_members": 2, "num_val_cases": 1, "prediction_type": "v_prediction",
+             "recycling": False}  # a flow predicts its velocity; recycling is for mask-predicting ddpm models
     run_bundle("image_to_mask", ["train.yaml"], run_id="training",
                **{**tiny(tmp_path / "data", tmp_path / "b", max_epochs=1, **TINY_TRAINING), **extra})
     out = tmp_path / "b" / "segs"
     run_bundle("image_to_mask", ["inference.yaml"], **tiny(tmp_path / "data", tmp_path / "b", output_dir=str(out),
-                                                            num_inference_steps=3, diffusion="rflow", sampler="euler", num_members=2))
+                                                            num_inference_steps=3, diffusion="rflow", sampler="euler", num_members=2,
+                                                            prediction_type="v_prediction"))
     segmentations = sorted(out.glob("*_seg.nii.gz"))
     assert len(segmentations) == 2
     image = tmp_path / "data" / "images" / "case4.nii.gz"
@@ -219,7 +221,7 @@ def test_a_bad_objective_key_stops_the_bundle_with_its_name(tmp_path):
         ("diffusion", "flow", "'diffusion' must be one of 'ddpm', 'rflow'; got 'flow'"),
     ]:
         raises_with(message, run_bundle, "image_to_mask", ["train.yaml"], run_id="training",
-                    **tiny(tmp_path / "data", tmp_path / f"b_{key}", max_epochs=1, **{key: value}, **TINY_TRAINING))
+                    **tiny(tmp_path / "data", tmp_path / f"b_{key}", max_epochs=1, recycling=False, **{key: value}, **TINY_TRAINING))
 
 
 class ConstantVelocity(torch.nn.Module):

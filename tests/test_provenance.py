@@ -116,12 +116,12 @@ def test_keys_a_user_may_change_are_not_checked(trained):
 
 
 def test_the_refusal_is_the_last_line_a_user_sees(trained):
-    done = run_bundle_cli("image_to_mask", ["inference.yaml"], **settings(trained / "data", trained / "i2m", prediction_type="sample",
+    done = run_bundle_cli("image_to_mask", ["inference.yaml"], **settings(trained / "data", trained / "i2m", prediction_type="epsilon",
                                                                           output_dir=str(trained / "i2m" / "never")))
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert "--prediction_type v_prediction" in lines[-1]  # the fix, last
-    assert lines[-2] == '  prediction_type: trained "v_prediction", configured "sample"'
+    assert "--prediction_type sample" in lines[-1]  # the fix, last (image_to_mask predicts the mask by default)
+    assert lines[-2] == '  prediction_type: trained "sample", configured "epsilon"'
     assert lines[-3].startswith("ERROR: ") and "model.json says these weights were trained with other settings" in lines[-3]
     tail = "\n".join(lines[-8:])
     assert "Failed to evaluate ConfigExpression" not in tail
@@ -145,9 +145,9 @@ def test_mismatch_refused_by_the_sampler_itself_as_monai_label_calls_it(trained)
                    "prediction_type": "epsilon", "device": "$torch.device('cpu')"})
     network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("inferer")
     network.load_state_dict(torch.load(trained / "i2m" / "models" / "model.pt", weights_only=True), strict=False)
-    with pytest.raises(ModelMismatchError, match='prediction_type: trained "v_prediction", configured "epsilon"'):
+    with pytest.raises(ModelMismatchError, match='prediction_type: trained "sample", configured "epsilon"'):
         inferer(torch.rand(1, 1, 16, 16), network)
-    parser["prediction_type"] = "v_prediction"
+    parser["prediction_type"] = "sample"
     parser.parse(reset=True)
     inferer = parser.get_parsed_content("inferer")
     assert inferer(torch.rand(1, 1, 16, 16), parser.get_parsed_content("network")).shape == (1, 3, 16, 16)
@@ -284,7 +284,7 @@ def test_the_cpu_preset_can_follow_every_config(configs, tmp_path):
     if "network_def" in parser:
         network = parser.get_parsed_content("network_def")
         if "baseline" not in configs[-1]:
-            assert network.block_out_channels == [32, 32, 64]  # the preset's network
+            assert network.diffusion.block_out_channels == [32, 32, 64]  # the preset's network (the encoder beside it)
         else:
             assert type(network).__name__ == "UNet"
     assert parser.get_parsed_content("image_size") == [64, 76]

@@ -380,7 +380,8 @@ def test_bundle_with_an_image_to_mask_judge_from_a_folder_of_masks(tmp_path):
     segmenter = DiffusionModelUNet(spatial_dims=2, in_channels=3 + 1, out_channels=3, **TINY_UNET)
     (tmp_path / "i2m" / "models").mkdir(parents=True)
     torch.save(segmenter.state_dict(), tmp_path / "i2m" / "models" / "model.pt")
-    judge_overrides = {"bundle_root": str(tmp_path / "i2m"), "num_members": 2, "num_inference_steps": 2, **TINY_NETWORK}
+    judge_overrides = {"bundle_root": str(tmp_path / "i2m"), "num_members": 2, "num_inference_steps": 2, **TINY_NETWORK,
+                       "condition_encoder": False, "prediction_type": "v_prediction"}  # the plain network saved above
     settings = bundle_settings(tmp_path, judge="image_to_mask", judge_bundle=str(BUNDLES / "image_to_mask"),
                                judge_overrides=judge_overrides, min_class_dice=0.0, min_mean_dice=0.0,
                                mask_dir=str(tmp_path / "data" / "labels"), output_dir=str(tmp_path / "syn"))
