@@ -10,8 +10,8 @@ evaluate.yaml on both -> a PNG figure (image | fused segmentation | uncertainty 
 by side (Dice per class, ECE, uncertainty AUROC).
 
 Each stage is the documented ``python -m monai.bundle run`` command of the bundle, so this script is also an example
-of how to run them. On CUDA it uses configs/demo_gpu.yaml (full settings), otherwise configs/demo_cpu.yaml (about
-15 minutes per direction on 2 CPU cores). Re-running continues an interrupted training run and regenerates the
+of how to run them. On CUDA it uses configs/demo_gpu.yaml (full settings), otherwise configs/demo_cpu.yaml (on 2 CPU
+cores about 13 minutes for mask_to_image, 25 for image_to_mask with its baseline). Re-running continues an interrupted training run and regenerates the
 outputs.
 
     python scripts/run_demo.py [--output demo_output] [--preset cpu|gpu] [--max-epochs N]
