@@ -230,7 +230,7 @@ def train_recipe(bundle: str, name: str, presets: list[str], data_dir: Path, out
     def evaluate(engine) -> None:
         clock["train"] += time.time() - clock["since"]
         result = evaluation.segmenter_scores(online_network) if baseline else evaluation(ema_network, sampler)
-        points.append({"step": engine.state.iteration, "train_seconds": round(clock["train"], 1), **result})
+        points.append({"step": engine.state.iteration, "train_seconds": round(clock["train"], 3), **result})
         print(f"  {name}: step {engine.state.iteration}, {clock['train']:.0f} s of training: mean Dice "
               f"{result['mean_dice']} {result['per_class_dice']}", flush=True)
         for part in ("encoder", "with_encoder"):
@@ -299,7 +299,7 @@ def write_table(results: dict, path: Path) -> str:
         by_step = {p["step"]: p for p in run["points"]}
         cells = [str(by_step[s]["mean_dice"]) if s in by_step else "" for s in steps]
         last = run["points"][-1]
-        lines.append(f"| {name} | {run['sampler']} | " + " | ".join(cells) + f" | {last['per_class_dice']} | {last['train_seconds']} |")
+        lines.append(f"| {name} | {run['sampler']} | " + " | ".join(cells) + f" | {last['per_class_dice']} | {last['train_seconds']:.1f} |")
         for part, label in PARTS.items():
             if part in last:
                 cells = [str(by_step[s][part]["mean_dice"]) if s in by_step and part in by_step[s] else "" for s in steps]

@@ -861,3 +861,41 @@ def test_copy_weights_starts_the_target_from_the_sources_weights_when_training_s
     engine.run([0], max_epochs=1)
     assert torch.equal(target.weight, torch.full((1, 3), 3.0))
     assert torch.equal(target.bias, source.bias)
+
+
+def test_wall_time_cosine_schedule_warms_up_by_steps_then_decays_by_elapsed_time_and_resumes():
+    from segdiff.engine import WallTimeCosineSchedule
+
+    now = [100.0]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = WallTimeCosineSchedule(optimizer, warmup_steps=2, seconds=10, clock=lambda: now[0])
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for advance in (0.0, 5.0, 5.0, 5.0):  # step 1 starts the clock; then half the time, all of it, past it
+        now[0] += advance
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # step 0 and 1: warm-up (0, 1/2 of 2.0); step 2: 5 s of 10 -> cos(pi/2) -> 1.0; 10 s -> 0; past the end stays 0
+    assert lrs == pytest.approx([0.0, 1.0, 1.0, 0.0, 0.0], abs=1e-12)
+    state = schedule.state_dict()
+    assert state["elapsed_before"] == pytest.approx(15.0) and "clock" not in state and "optimizer" not in state
+
+    resumed_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    resumed = WallTimeCosineSchedule(resumed_optimizer, warmup_steps=2, seconds=40, clock=lambda: now[0])
+    resumed.load_state_dict(dict(state, seconds=40.0))  # 15 s already spent of 40
+    resumed.step()
+    now[0] += 5.0  # 20 s of 40 -> 1/2 -> lr 1.0
+    resumed.step()
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
+def test_wall_time_cosine_schedule_refuses_a_missing_wall_time_and_the_factory_picks_by_it():
+    from monai.optimizers import WarmupCosineSchedule
+
+    from segdiff.engine import WallTimeCosineSchedule, warmup_cosine_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="seconds must be > 0, got 0"):
+        WallTimeCosineSchedule(optimizer, 1, 0)
+    assert isinstance(warmup_cosine_schedule(optimizer, 1, 100, max_wall_time=0), WarmupCosineSchedule)
+    assert isinstance(warmup_cosine_schedule(optimizer, 1, 100, max_wall_time=60), WallTimeCosineSchedule)

@@ -12,6 +12,7 @@ from .handlers import (
     atomic_torch_save,
     check_run_folder,
 )
+from .lr_schedule import WallTimeCosineSchedule, warmup_cosine_schedule
 from .objective import (
     DIFFUSIONS,
     LOSS_WEIGHTINGS,
