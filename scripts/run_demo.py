@@ -111,31 +111,46 @@ def write_segmentation_figure(datalist_path: Path, dataset_dir: Path, output_dir
     save_png(panel, str(path), scale=2)
 
 
-def comparison_table(ensemble: dict, baseline: dict, train_seconds: dict) -> str:
-    """Markdown: the diffusion ensemble and its condition encoder trained alone, side by side, from the two
-    ensemble_evaluation.json reports of evaluate.yaml (Dice per class, mean Dice, ECE, uncertainty AUROC)."""
+def comparison_table(ensemble: dict, baselines: dict[str, dict], training: dict[str, dict]) -> str:
+    """Markdown: the diffusion ensemble and its condition encoder trained alone (one column per budget, e.g. equal
+    wall time and equal steps), side by side, from the ensemble_evaluation.json reports of evaluate.yaml (Dice per
+    class, mean Dice, ECE, uncertainty AUROC) and the training budgets (``{"seconds": s, "steps": n}`` per column,
+    ``"ensemble"`` and each baseline's name)."""
     names = ensemble["classes"]
+    reports = {"ensemble": ensemble, **baselines}
 
     def cell(value) -> str:
         return "-" if value is None else f"{value:.3f}"
 
     def row(label: str, pick) -> str:
-        return f"| {label} | {cell(pick(ensemble))} | {cell(pick(baseline))} |"
+        return f"| {label} | " + " | ".join(cell(pick(r)) for r in reports.values()) + " |"
 
-    lines = ["| | diffusion ensemble | condition encoder alone |", "|---|---|---|"]
+    lines = ["| | diffusion ensemble | " + " | ".join(f"condition encoder alone, {name}" for name in baselines) + " |",
+             "|---|" + "---|" * len(reports)]
     lines += [row(f"Dice {name}", lambda r, i=i: r["fused"]["dice"]["per_class"][i]) for i, name in enumerate(names)]
     lines.append(row("mean Dice", lambda r: r["fused"]["dice"]["mean"]))
     lines.append(row("ECE (lower is better)", lambda r: r["fused"].get("ece", {}).get("mean")))
     lines.append(row("uncertainty AUROC for errors", lambda r: r["fused"].get("auroc", {}).get("mean")))
-    lines.append(f"| training (min) | {train_seconds['ensemble'] / 60:.1f} | {train_seconds['baseline'] / 60:.1f} |")
+    lines.append("| training (min) | " + " | ".join(f"{training[k]['seconds'] / 60:.1f}" for k in reports) + " |")
+    lines.append("| training steps | " + " | ".join(str(training[k].get("steps", "-")) for k in reports) + " |")
     return "\n".join(lines)
 
 
-def run_mask_to_image(output: Path, data_dir: Path, preset: str, max_epochs: int | None, timings: dict) -> list[str]:
+def trained_steps(checkpoint: Path) -> tuple[int, int]:
+    """(iterations, epochs) a training checkpoint of the shared engine has completed (Ignite saves the iteration and
+    the epoch length)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["trainer"]
+    return int(state["iteration"]), int(state["iteration"]) // int(state["epoch_length"])
+
+
+def run_mask_to_image(output: Path, data_dir: Path, preset: str, max_epochs: int | None, timings: dict,
+                      overrides: dict | None = None) -> list[str]:
     """train -> sample from the test masks -> faithfulness evaluation -> figure; returns the summary lines."""
     bundle_root = output / "mask_to_image"
     generated_dir, report_dir = bundle_root / "outputs" / "generated", bundle_root / "outputs" / "evaluation"
-    common = {"bundle_root": bundle_root, "dataset_dir": data_dir}
+    common = {"bundle_root": bundle_root, "dataset_dir": data_dir, **(overrides or {})}
     configs = lambda name: [f"configs/{name}.yaml", str(REPO / "configs" / f"demo_{preset}.yaml")]  # noqa: E731
 
     t = time.time()
@@ -169,59 +184,83 @@ def run_mask_to_image(output: Path, data_dir: Path, preset: str, max_epochs: int
     ]
 
 
-def run_image_to_mask(output: Path, data_dir: Path, preset: str, max_epochs: int | None, timings: dict) -> list[str]:
-    """train the diffusion segmenter -> its condition encoder alone for the same wall time -> segment the test split
-    with both -> evaluate both -> figure and table; returns the summary lines."""
+def run_image_to_mask(output: Path, data_dir: Path, preset: str, max_epochs: int | None, timings: dict,
+                      overrides: dict | None = None) -> list[str]:
+    """train the diffusion segmenter -> its condition encoder alone for the same wall time and for the same steps ->
+    segment the test split with all three -> evaluate them -> figure and table; returns the summary lines."""
     bundle_root = output / "image_to_mask"
-    common = {"bundle_root": bundle_root, "dataset_dir": data_dir}
+    models = bundle_root / "models"
+    common = {"bundle_root": bundle_root, "dataset_dir": data_dir, **(overrides or {})}
     configs = lambda *names: [f"configs/{n}.yaml" for n in names] + [str(REPO / "configs" / f"demo_{preset}.yaml")]  # noqa: E731
     run = lambda files, overrides, run_id=None: bundle_run(files, overrides, run_id, bundle=IMAGE_TO_MASK)  # noqa: E731
-    seconds_path = bundle_root / "models" / "demo_training_seconds.json"  # the budget the baseline gets, across reruns
+    budget_path = models / "demo_training_budget.json"  # the ensemble's seconds, kept across reruns (resume)
 
     t = time.time()
-    checkpoint = bundle_root / "models" / "checkpoint.pt"
-    seconds = json.loads(seconds_path.read_text()) if seconds_path.exists() else {"ensemble": 0.0}
+    checkpoint = models / "checkpoint.pt"
+    ensemble_seconds = json.loads(budget_path.read_text())["seconds"] if budget_path.exists() else 0.0
     train = dict(common, resume=checkpoint.exists())
     if max_epochs:
         train["max_epochs"] = max_epochs
     run(configs("train"), train, "training")
     timings["image_to_mask training"] = time.time() - t
-    seconds["ensemble"] += timings["image_to_mask training"]
-    seconds_path.write_text(json.dumps(seconds))
+    steps, epochs = trained_steps(checkpoint)
+    training = {"ensemble": {"seconds": ensemble_seconds + timings["image_to_mask training"], "steps": steps}}
+    budget_path.write_text(json.dumps(training["ensemble"]))
 
-    # the fair baseline: the same network as the condition encoder, same data and loss, the same wall time
-    t = time.time()
-    run(configs("train", "train_baseline"),
-        dict(common, overwrite=True, max_wall_time=max(1, round(seconds["ensemble"])), max_epochs=100000), "training")
-    seconds["baseline"] = timings["baseline training"] = time.time() - t
+    # the fair baselines: the condition encoder's network, same data and loss, (1) the same wall time, its cosine
+    # decay fitted to that time, (2) the same epochs, so the same steps
+    arms = {"equal wall time": models / "baseline.pt", "equal steps": models / "equal_steps" / "baseline.pt"}
+    for name, budget in (("equal wall time", dict(max_wall_time=max(1, round(training["ensemble"]["seconds"])),
+                                                  max_epochs=100000)),
+                         ("equal steps", dict(max_wall_time=0, max_epochs=epochs))):
+        t = time.time()
+        run(configs("train", "train_baseline"), dict(common, overwrite=True, baseline_path=arms[name], **budget), "training")
+        training[name] = {"seconds": time.time() - t, "steps": trained_steps(arms[name].parent / "baseline_checkpoint.pt")[0]}
+        timings[f"baseline training, {name}"] = training[name]["seconds"]
 
     t = time.time()
     # the bundle's sampler (DPM-Solver++, 10 steps) and ensemble size; probabilities and members for the evaluation
+    outputs = bundle_root / "outputs"
     run(configs("inference"), dict(common, save_probabilities=True, save_members=True, overwrite=True))
     run(configs("evaluate"), common)
-    run(configs("inference", "inference_baseline"), dict(common, overwrite=True))
-    reports = {"ensemble": bundle_root / "outputs" / "evaluation", "baseline": bundle_root / "outputs" / "evaluation_baseline"}
-    run(configs("evaluate"), dict(common, output_dir=bundle_root / "outputs" / "segmentations_baseline",
-                                  report_dir=reports["baseline"]))
+    reports = {"ensemble": outputs / "evaluation"}
+    for name, model in arms.items():
+        suffix = name.replace(" ", "_")
+        segmentations, reports[name] = outputs / f"segmentations_baseline_{suffix}", outputs / f"evaluation_baseline_{suffix}"
+        run(configs("inference", "inference_baseline"), dict(common, overwrite=True, model_path=model, output_dir=segmentations))
+        run(configs("evaluate"), dict(common, output_dir=segmentations, report_dir=reports[name]))
     timings["segmentation and evaluation"] = time.time() - t
 
     figure = output / "figure_image_to_mask.png"
-    write_segmentation_figure(data_dir / "datalist.json", data_dir, bundle_root / "outputs" / "segmentations", figure)
+    write_segmentation_figure(data_dir / "datalist.json", data_dir, outputs / "segmentations", figure)
     loaded = {k: json.loads((v / "ensemble_evaluation.json").read_text()) for k, v in reports.items()}
-    table = comparison_table(loaded["ensemble"], loaded["baseline"], seconds)
+    table = comparison_table(loaded.pop("ensemble"), loaded, training)
     table_path = output / "image_to_mask_comparison.md"
     table_path.write_text(table + "\n")
     return [
-        f"  trained weights:  {bundle_root / 'models' / 'model.pt'} (EMA); baseline {bundle_root / 'models' / 'baseline.pt'}",
-        f"  segmentations:    {bundle_root / 'outputs' / 'segmentations'} (_seg, _uncertainty, _prob, _members)",
-        f"  evaluation:       {reports['ensemble']}, {reports['baseline']} (ensemble_evaluation.json/.md)",
+        f"  trained weights:  {models / 'model.pt'} (EMA); baselines " + ", ".join(str(m) for m in arms.values()),
+        f"  segmentations:    {outputs / 'segmentations'} (_seg, _uncertainty, _prob, _members), segmentations_baseline_*",
+        f"  evaluation:       " + ", ".join(str(r) for r in reports.values()) + " (ensemble_evaluation.json/.md)",
         f"  figure:           {figure}  (image | fused segmentation | uncertainty | truth)",
         f"  table:            {table_path}",
         "",
         "image_to_mask: the diffusion ensemble (inference.yaml's sampler and members) against its condition encoder "
-        "trained alone for the same wall time (evaluate.yaml on the test split):",
+        "trained alone for the same wall time and for the same steps (evaluate.yaml on the test split):",
         table,
     ]
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value), the value as a Python literal when it is one (``8``, ``[64,52]``), else text."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--override {text!r}: expected KEY=VALUE, e.g. num_classes=8")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,8 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["cpu", "gpu"], help="default: gpu if CUDA is available, else cpu")
     parser.add_argument("--max-epochs", type=int, help="override the preset's training epochs")
     parser.add_argument("--direction", choices=["mask_to_image", "image_to_mask", "both"], default="mask_to_image",
-                        help="which bundle(s) to train and run (image_to_mask adds its baseline: about twice the time)")
+                        help="which bundle(s) to train and run (image_to_mask adds its baselines: about twice the time)")
+    parser.add_argument("--data", help="a data set folder with datalist.json (e.g. from `segdiff totalseg-data`) "
+                                       "instead of the demo data")
+    parser.add_argument("--override", action="append", type=parse_override, default=[], metavar="KEY=VALUE",
+                        help="a config key for every stage, after the preset (repeatable), e.g. num_classes=8")
     args = parser.parse_args(argv)
+    overrides = dict(args.override)
 
     import torch
 
@@ -239,18 +283,20 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     output = Path(args.output).resolve()
-    data_dir = output / "data"
+    data_dir = Path(args.data).resolve() if args.data else output / "data"
     started = time.time()
     timings: dict[str, float] = {}
 
+    if args.data and not (data_dir / "datalist.json").exists():
+        parser.error(f"--data {args.data}: no datalist.json in that folder")
     if not (data_dir / "datalist.json").exists():
         write_demo_data(data_dir)
     print(f"demo data: {data_dir / 'datalist.json'}\npreset: configs/demo_{preset}.yaml", flush=True)
     summary = []
     if args.direction in ("mask_to_image", "both"):
-        summary += run_mask_to_image(output, data_dir, preset, args.max_epochs, timings)
+        summary += run_mask_to_image(output, data_dir, preset, args.max_epochs, timings, overrides)
     if args.direction in ("image_to_mask", "both"):
-        summary += ([""] if summary else []) + run_image_to_mask(output, data_dir, preset, args.max_epochs, timings)
+        summary += ([""] if summary else []) + run_image_to_mask(output, data_dir, preset, args.max_epochs, timings, overrides)
 
     print("\n" + "=" * 100)
     print(f"demo finished in {(time.time() - started) / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ")")

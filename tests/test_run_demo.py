@@ -29,16 +29,40 @@ def report(dice: list[float | None], ece: float, auroc: float) -> dict:
                       "ece": {"mean": ece}, "auroc": {"mean": auroc}}}
 
 
-def test_comparison_table_puts_both_segmenters_side_by_side(run_demo):
-    table = run_demo.comparison_table(report([0.5, 0.7, 0.9], 0.04, 0.91), report([None, 0.6, 0.8], 0.06, 0.88),
-                                      {"ensemble": 300.0, "baseline": 312.0})
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in table.splitlines()[2:]}
-    assert rows["Dice csf"] == ["0.500", "-"]  # a class without a Dice is shown as such, not as 0
-    assert rows["Dice white"] == ["0.900", "0.800"]
-    assert rows["mean Dice"] == ["0.700", "0.700"]
-    assert rows["ECE (lower is better)"] == ["0.040", "0.060"]
-    assert rows["uncertainty AUROC for errors"] == ["0.910", "0.880"]
-    assert rows["training (min)"] == ["5.0", "5.2"]
+def test_comparison_table_puts_the_ensemble_and_each_baseline_budget_side_by_side(run_demo):
+    table = run_demo.comparison_table(
+        report([0.5, 0.7, 0.9], 0.04, 0.91),
+        {"equal wall time": report([None, 0.6, 0.8], 0.06, 0.88), "equal steps": report([0.1, 0.2, 0.3], 0.2, 0.5)},
+        {"ensemble": {"seconds": 300.0, "steps": 600}, "equal wall time": {"seconds": 312.0, "steps": 2300},
+         "equal steps": {"seconds": 60.0, "steps": 600}})
+    lines = table.splitlines()
+    assert lines[0] == ("| | diffusion ensemble | condition encoder alone, equal wall time | "
+                        "condition encoder alone, equal steps |")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in lines[2:]}
+    assert rows["Dice csf"] == ["0.500", "-", "0.100"]  # a class without a Dice is shown as such, not as 0
+    assert rows["Dice white"] == ["0.900", "0.800", "0.300"]
+    assert rows["mean Dice"] == ["0.700", "0.700", "0.200"]
+    assert rows["ECE (lower is better)"] == ["0.040", "0.060", "0.200"]
+    assert rows["uncertainty AUROC for errors"] == ["0.910", "0.880", "0.500"]
+    assert rows["training (min)"] == ["5.0", "5.2", "1.0"]
+    assert rows["training steps"] == ["600", "2300", "600"]
+
+
+def test_overrides_parse_as_python_literals_or_text_and_a_bad_one_is_named(run_demo):
+    import argparse
+
+    assert run_demo.parse_override("num_classes=8") == ("num_classes", 8)
+    assert run_demo.parse_override("image_size=[64,52]") == ("image_size", [64, 52])
+    assert run_demo.parse_override("sampler=ddim") == ("sampler", "ddim")
+    with pytest.raises(argparse.ArgumentTypeError, match="--override 'num_classes': expected KEY=VALUE"):
+        run_demo.parse_override("num_classes")
+
+
+def test_trained_steps_reads_iterations_and_epochs_from_a_checkpoint(run_demo, tmp_path):
+    import torch
+
+    torch.save({"trainer": {"iteration": 600, "epoch_length": 4, "max_epochs": 150}}, tmp_path / "checkpoint.pt")
+    assert run_demo.trained_steps(tmp_path / "checkpoint.pt") == (600, 150)
 
 
 def test_segmentation_figure_has_one_row_per_slice_and_four_columns(run_demo, tmp_path):
