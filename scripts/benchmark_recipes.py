@@ -110,10 +110,11 @@ def summary(scores: list[float | None]) -> dict:
             "per_class_dice": [None if s is None else round(s, 4) for s in scores]}
 
 
-def sampler_for(parser, spec: str, recipe: dict, members: int, bundle: str):
+def sampler_for(parser, spec: str, recipe: dict, members: int, bundle: str, batch_size: int = 64, seed: int = 0):
+    """The bundle's sampler for ``sampler:steps``; ``batch_size`` units (slice x member) per network call."""
     from segdiff.engine import ConditionalDiffusionSampler, build_scheduler
 
-    name, steps = spec.split(":")
+    name, steps = spec.split(":")[:2]
     diffusion = recipe.get("diffusion", "ddpm")
     if diffusion == "rflow":
         name = "euler"
@@ -124,8 +125,21 @@ def sampler_for(parser, spec: str, recipe: dict, members: int, bundle: str):
         scheduler, int(steps),
         target_channels=parser.get_parsed_content("image_channels") if mask_to_image else parser.get_parsed_content("num_classes"),
         spatial_dims=2, image_size=parser.get_parsed_content("image_size"), num_samples=1 if mask_to_image else members,
-        batch_size=64, condition_kind="mask" if mask_to_image else "image", seed=0, progress=False,
+        batch_size=batch_size, condition_kind="mask" if mask_to_image else "image", seed=seed, progress=False,
     ), f"{name}-{steps}"
+
+
+class SequentialMembers:
+    """The published image_to_mask protocol: the ensemble's members drawn as separate chains, one after the other,
+    one slice at a time (``samplers``: one per member, each drawing 1 sample with its own seed); called like a
+    sampler, it returns the members stacked along the channels as the batched sampler does."""
+
+    def __init__(self, samplers: list) -> None:
+        self.samplers = samplers
+
+    def __call__(self, condition: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([torch.cat([sampler(condition[i:i + 1], network) for sampler in self.samplers], dim=1)
+                          for i in range(len(condition))])
 
 
 class Evaluation:
@@ -134,11 +148,18 @@ class Evaluation:
     def __init__(self, bundle: str, parser, slices: dict, segmenter: torch.nn.Module | None, members: int) -> None:
         from segdiff.transforms import EncodeMask
 
-        self.bundle, self.slices, self.segmenter, self.members = bundle, slices, segmenter, members
+        self.bundle, self.parser, self.slices, self.segmenter, self.members = bundle, parser, slices, segmenter, members
         self.num_classes = parser.get_parsed_content("num_classes")
         role = "condition" if bundle == "mask_to_image" else "target"
         encode = EncodeMask(self.num_classes, parser.get_parsed_content("mask_encoding"), role=role) if bundle == "mask_to_image" else None
         self.condition = (torch.stack([encode(m) for m in slices["label"].float()]) if encode is not None else slices["image"])
+
+    def subset(self, count: int) -> "Evaluation":
+        """The same evaluation on ``count`` slices spread evenly over the test slices (all of them if fewer)."""
+        if count <= 0 or count >= len(self.slices["image"]):
+            return self
+        keep = torch.linspace(0, len(self.slices["image"]) - 1, count).round().long()
+        return Evaluation(self.bundle, self.parser, {k: v[keep] for k, v in self.slices.items()}, self.segmenter, self.members)
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor) -> torch.Tensor:
@@ -271,12 +292,20 @@ def sampling_sweep(bundle: str, name: str, presets: list[str], data_dir: Path, o
     network.eval()
     rows = []
     for spec in specs:
-        sampler_name, steps = spec.split(":")
+        sampler_name, steps, *mode = spec.split(":")
         if (sampler_name == "euler") != (recipe.get("diffusion") == "rflow"):
             continue  # euler samples rectified flows only, the others DDPM-trained models
-        sampler, label = sampler_for(parser, spec, recipe, members, bundle)
+        if bundle == "image_to_mask" and mode == ["sequential"]:  # the published protocol: one chain at a time
+            chains = [sampler_for(parser, spec, recipe, 1, bundle, batch_size=1, seed=k)[0] for k in range(members)]
+            sampler, label = SequentialMembers(chains), f"{sampler_name}-{steps}, {members} sequential chains"
+        elif mode:
+            raise SystemExit(f"--sweep {spec}: the third field can only be 'sequential' (image_to_mask)")
+        else:  # image_to_mask: one slice's members in one batch
+            sampler, label = sampler_for(parser, spec, recipe, members, bundle,
+                                         batch_size=members if bundle == "image_to_mask" else 64)
         result = evaluation(network, sampler)
         result["seconds_per_slice"] = round(result["eval_seconds"] / len(evaluation.condition), 3)
+        result["slices"] = len(evaluation.condition)
         rows.append({"sampler": label, **result})
         print(f"  {name} {label}: mean Dice {result['mean_dice']}, {result['seconds_per_slice']} s per slice", flush=True)
     return rows
@@ -307,9 +336,11 @@ def write_table(results: dict, path: Path) -> str:
                              + f" | {last[part]['per_class_dice']} | |")
     for name, rows in results.get("sweeps", {}).items():
         lines += ["", f"sampling steps for recipe {name} (its weights after the last step; seconds per slice on this machine, "
-                      + ("members of an ensemble slice counted once" if results["bundle"] == "image_to_mask" else "one image per slice")
-                      + ")", "", "| sampler | mean Dice | per class | s per slice |", "|---|---|---|---|"]
-        lines += [f"| {r['sampler']} | {r['mean_dice']} | {r['per_class_dice']} | {r['seconds_per_slice']} |" for r in rows]
+                      + ("a slice's ensemble members drawn in one batch unless the row says sequential chains"
+                         if results["bundle"] == "image_to_mask" else "one image per slice")
+                      + ")", "", "| sampler | mean Dice | per class | s per slice | slices |", "|---|---|---|---|---|"]
+        lines += [f"| {r['sampler']} | {r['mean_dice']} | {r['per_class_dice']} | {r['seconds_per_slice']} | {r.get('slices', '')} |"
+                  for r in rows]
     if results.get("ceiling"):
         lines += ["", f"real-image ceiling (the reference segmenter on the real test slices): mean Dice "
                       f"{results['ceiling']['mean_dice']}, per class {results['ceiling']['per_class_dice']}"]
@@ -361,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", nargs="*", default=[], help="sampler:steps entries to score the --sweep-recipe's final "
                         "weights with, e.g. ddim:5 ddim:10 dpm_solver:10 ddpm:1000 (euler:N for rflow recipes)")
     parser.add_argument("--sweep-recipe", help="the recipe whose weights the sweep uses (default: the first of --recipes)")
+    parser.add_argument("--sweep-slices", type=int, default=0, help="score the sweep on this many test slices, spread "
+                        "evenly (default 0: all); for slow rows such as ddpm:1000:sequential")
     args = parser.parse_args(argv)
 
     import ast
@@ -422,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--sweep-recipe {name} has not been trained in {output}: add it to --recipes.")
         print(f"\n== sampling sweep of {name}", flush=True)
         results.setdefault("sweeps", {})[name] = sampling_sweep(args.bundle, name, presets, data_dir, output, args.sweep,
-                                                                evaluation, args.members, extra)
+                                                                evaluation.subset(args.sweep_slices), args.members, extra)
         results_path.write_text(json.dumps(results, indent=1))
 
     print("\n" + write_table(results, output / "recipes.md"))

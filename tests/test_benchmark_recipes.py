@@ -92,6 +92,31 @@ def test_image_to_mask_condition_encoder_recipes_and_the_encoder_alone_are_score
     assert "| encoder_alone | argmax |" in table
     assert "| v+min_snr+encoder+x0 (its condition encoder alone, argmax) |" in table
 
+    # the sampling sweep, batched and as the published protocol (sequential chains), on a subset of the slices
+    _, arguments = tiny_run(tmp_path, "image_to_mask", ["v+min_snr+encoder+x0"])
+    sweep = ["--sweep", "ddim:2", "ddim:2:sequential", "--sweep-slices", "3"]
+    assert load_script().main(arguments + sweep) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["sweeps"]["v+min_snr+encoder+x0"]
+    assert [r["sampler"] for r in rows] == ["ddim-2", "ddim-2, 2 sequential chains"]
+    assert [r["slices"] for r in rows] == [3, 3] and all(0.0 <= r["mean_dice"] <= 1.0 for r in rows)
+    assert "| ddim-2, 2 sequential chains |" in (tmp_path / "out" / "recipes.md").read_text()
+
+
+def test_sequential_members_stack_each_chain_per_slice_in_member_order():
+    import torch
+
+    class Constant:  # a "sampler" drawing one sample per slice: the slice's value plus its member id
+        def __init__(self, member):
+            self.member = member
+
+        def __call__(self, condition, network):
+            return condition[:, :1] + 10 * self.member
+
+    stacked = load_script().SequentialMembers([Constant(0), Constant(1), Constant(2)])(
+        torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 2, 3, 3), None)
+    assert stacked.shape == (4, 3, 3, 3)
+    assert stacked[:, :, 0, 0].tolist() == [[0, 10, 20], [1, 11, 21], [2, 12, 22], [3, 13, 23]]
+
 
 def test_unknown_recipes_are_refused_with_the_known_names(tmp_path, capsys):
     with pytest.raises(SystemExit):
