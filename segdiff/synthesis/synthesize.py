@@ -8,7 +8,9 @@ kept pairs and the record of every try (:class:`segdiff.synthesis.records.Synthe
 
 Every random draw of a round (the mask variant, the sampling noise) is seeded from ``(seed, case name, round)``, so a
 mask's pairs do not depend on which other masks a run processes or in which order, and a resumed run produces what an
-uninterrupted one would have.
+uninterrupted one would have. The same holds across processes: under ``torchrun --nproc_per_node=N`` each rank
+synthesizes every N-th mask (:mod:`segdiff.synthesis.shard`) and the records of all ranks are merged into one
+datalist, equal to a single process's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from segdiff.synthesis.filter import (
 )
 from segdiff.synthesis.judges import load_weights
 from segdiff.synthesis.records import SynthesisRecords, file_digest, pair_names
+from segdiff.synthesis.shard import process_shard, shard_of
 from segdiff.transforms.io import output_case_name as case_name
 
 __all__ = ["DiffusionGenerator", "Synthesizer", "case_name", "derive_seed"]
@@ -125,6 +128,9 @@ class Synthesizer:
         class_names: names of classes ``1..num_classes-1`` (records, tables, reasons).
         labels: the input datalist's ``"labels"``, copied into the output datalist.
         progress: show a progress bar over the masks.
+        rank, world_size: this process's share of the masks (every ``world_size``-th, from ``rank``); None: from
+            ``torch.distributed`` or torchrun's environment (:func:`segdiff.synthesis.shard.process_shard`), a
+            single process otherwise.
     """
 
     def __init__(
@@ -143,6 +149,8 @@ class Synthesizer:
         class_names: Sequence[str] | None = None,
         labels: Mapping[str, str] | None = None,
         progress: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if int(samples_per_mask) < 1:
             raise ValueError(f"samples_per_mask must be >= 1, got {samples_per_mask}.")
@@ -165,7 +173,9 @@ class Synthesizer:
         for name, part in (("generator", generator), ("judge", judge)):
             if hasattr(part, "describe"):
                 full_settings[name] = part.describe()
-        self.records = SynthesisRecords(output_dir, full_settings, self.class_names, labels)
+        self.rank, self.world_size = process_shard(rank, world_size)
+        self.records = SynthesisRecords(output_dir, full_settings, self.class_names, labels, self.rank,
+                                        self.world_size)
         self._saver = {
             "image": SaveImage(output_ext=".nii.gz", output_postfix="", separate_folder=False, resample=False,
                                output_dtype=np.float32, print_log=False),
@@ -175,15 +185,17 @@ class Synthesizer:
 
     # -- before any work -------------------------------------------------------------------------------------------
     def prepare(self, entries: Sequence[Mapping[str, Any]]) -> int:
-        """Check the inputs against the output folder and open it; returns the number of masks still to do.
+        """Check the inputs against the output folder and open it; returns the number of this process's masks
+        still to do.
 
         Stops if two masks share a case name, if the folder was written with other settings, or if a pair file
         exists for a mask that is not finished (it would be overwritten).
         """
         check_output_names(entries, "label", "the masks")  # their outputs are named after them
         names = [case_name(e["label"]) for e in entries]
-        self.records.open()
-        todo = [n for n in names if not self.records.is_finished(n)]
+        mine = shard_of(names, self.rank, self.world_size)
+        self.records.open(order=names, cases=mine)
+        todo = [n for n in mine if not self.records.is_finished(n)]
         for name in todo:
             existing = self.records.existing_outputs(name, self.criteria.keep_k)
             if existing:
@@ -197,12 +209,15 @@ class Synthesizer:
     def run(self, entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Synthesize pairs for every mask not finished yet; returns a summary (masks, tries, pairs kept)."""
         todo = self.prepare(entries)
-        done_before = len(entries) - todo
+        mine = shard_of(entries, self.rank, self.world_size)
+        done_before = len(mine) - todo
+        share = "" if self.world_size == 1 else f" (rank {self.rank} of {self.world_size})"
         if done_before:
-            logger.info(f"resuming: {done_before} of {len(entries)} masks already finished in {self.records.root}")
-        bar = tqdm(total=len(entries), initial=done_before, desc="synthesizing", unit="mask", disable=not self.progress)
+            logger.info(f"resuming{share}: {done_before} of {len(mine)} masks already finished in {self.records.root}")
+        bar = tqdm(total=len(mine), initial=done_before, desc=f"synthesizing{share}", unit="mask",
+                   disable=not self.progress, position=self.rank)
         try:
-            for entry in entries:
+            for entry in mine:
                 case = case_name(entry["label"])
                 if self.records.is_finished(case):
                     continue
@@ -222,9 +237,9 @@ class Synthesizer:
             "relax_levels": dict(Counter(str(m["relax_level"]) for m in masks.values() if m["kept"])),
             "output_dir": str(self.records.root),
         }
-        logger.info(f"synthesis: {summary}")
+        logger.info(f"synthesis{share}: {summary}")
         print(
-            f"synthesis: {summary['pairs']} pairs kept from {summary['tries']} tries over {summary['masks']} masks "
+            f"synthesis{share}: {summary['pairs']} pairs kept from {summary['tries']} tries over {summary['masks']} masks "
             f"({len(summary['masks_without_pairs'])} without a pair) -> {self.records.root / 'datalist.json'}"
         )
         return summary
