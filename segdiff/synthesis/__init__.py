@@ -6,6 +6,9 @@
 - :mod:`~segdiff.synthesis.judges`: the segmenters that re-segment generated images;
 - :mod:`~segdiff.synthesis.synthesize`: the per-mask loop (rounds of generation, judging, decision), resumable;
 - :mod:`~segdiff.synthesis.records`: the output folder (pairs, datalist, records of every try, settings).
+- :mod:`~segdiff.synthesis.shard`: the share of the masks of each process under torchrun;
+- :mod:`~segdiff.synthesis.plausibility`: whether a generated mask looks like the training masks (volumes,
+  connected components, body).
 
 ``bundles/mask_to_image/configs/synthesize.yaml`` wires them to the bundle's model and sampler.
 """
@@ -25,7 +28,9 @@ from segdiff.synthesis.judges import (
     build_judge,
     load_weights,
 )
+from segdiff.synthesis.plausibility import ClassStatistics, MaskStatistics, PlausibilityFilter
 from segdiff.synthesis.records import SynthesisRecords, file_digest, pair_names
+from segdiff.synthesis.shard import process_shard, shard_of
 from segdiff.synthesis.synthesize import (
     DiffusionGenerator,
     Synthesizer,
@@ -42,6 +47,9 @@ from segdiff.synthesis.variety import (
 __all__ = [
     "DEFAULT_ELASTIC_2D",
     "DEFAULT_ELASTIC_3D",
+    "ClassStatistics",
+    "MaskStatistics",
+    "PlausibilityFilter",
     "JUDGES",
     "DiffusionEnsembleJudge",
     "DiffusionGenerator",
@@ -61,5 +69,7 @@ __all__ = [
     "load_weights",
     "pair_names",
     "pair_scores",
+    "process_shard",
     "select_tries",
+    "shard_of",
 ]
