@@ -321,6 +321,8 @@ def test_sliding_window_decoding_equals_whole_decoding_when_the_window_covers_th
     windowed = sampler(decode_roi_size=(8, 8)).decode(latent)
     assert whole.shape == (1, 1, 16, 16)
     torch.testing.assert_close(windowed, whole, atol=1e-5, rtol=1e-5)
+    patches = sampler(decode_roi_size=(4, 4), decode_overlap=0.5).decode(latent)  # 9 overlapping latent windows
+    assert patches.shape == whole.shape and torch.isfinite(patches).all()
 
 
 def test_sampler_refuses_clipping_latents_and_grids_that_do_not_divide():

@@ -604,8 +604,8 @@ class LatentDiffusionSampler:
                 generator.manual_seed(int(self.seed))  # type: ignore[arg-type]
             noise.append(torch.randn(shape, generator=generator, device=device))
         guided = _Guided(network, labels, mask, self.guidance_scale, self.null_class)
-        num_steps = len(self.loop._timesteps(device))
-        with tqdm(total=num_steps, desc="latent sampling", disable=not self.progress, leave=False) as bar:
+        steps = self.loop.num_inference_steps
+        with tqdm(total=steps, desc="latent sampling", disable=not self.progress, leave=False) as bar:
             return self.loop.denoise(None, guided, torch.stack(noise), generator=generator, progress_bar=bar)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, class_labels: Any = None) -> torch.Tensor:
