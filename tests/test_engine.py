@@ -703,6 +703,29 @@ def test_sample_grid_of_an_unconditional_model_shows_only_sample_and_real(tiny_u
     assert writer.images[0][1].shape == (2 * (16 + 2), 2 * (16 + 2), 3)
 
 
+def test_sample_grid_of_a_joint_image_and_mask_target_draws_each_part_without_a_condition(tiny_unet):
+    """condition_key None (no condition in the batch at all) and a target of 1 image channel + a 3-class mask: the
+    row is generated image | generated mask | real image | real mask, the masks in label colours."""
+    mask = torch.zeros(3, 3, 16, 16)
+    mask[:, 2] = 1.0  # every pixel class 2
+    batch = {"image": torch.cat([torch.rand(3, 1, 16, 16), mask * 2 - 1], dim=1)}
+    writer = FakeSummaryWriter()
+    s = sampler(num_inference_steps=2, conditional=False, target_channels=4)
+    handler = SampleGridHandler(writer, [batch], tiny_unet(in_channels=4, out_channels=4), s, condition_key=None,
+                                target_kind=["image", "onehot"], target_channels=[1, 3], num_images=2)
+    handler(Engine(lambda engine, batch: None))
+    panel = writer.images[0][1]
+    assert panel.shape == (2 * (16 + 2), 4 * (16 + 2), 3)
+    real_mask = panel[:16, 3 * 18 : 3 * 18 + 16]
+    assert (real_mask == LABEL_COLOURS[2]).all()
+
+
+def test_sample_grid_refuses_target_kinds_without_their_channel_counts(tiny_unet):
+    with pytest.raises(ValueError, match="target_channels must give the channels of each"):
+        SampleGridHandler(FakeSummaryWriter(), [], tiny_unet(in_channels=4, out_channels=4), sampler(),
+                          condition_key=None, target_kind=["image", "onehot"])
+
+
 # ---- visualize ----------------------------------------------------------------------------------------------------
 def test_render_image_maps_minus_one_to_black_and_one_to_white():
     picture = render(torch.tensor([[[-1.0, 0.0, 1.0, 3.0]]]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -315,15 +315,20 @@ class TrainingCheckpoint:
 class SampleGridHandler:
     """Every ``interval`` epochs, sample from the first validation batch and log a grid to TensorBoard.
 
-    Each row shows one validation case: the condition, a sample and the real target (mid-slice for 3D).
+    Each row shows one validation case: the condition, a sample and the real target (mid-slice for 3D). A target made
+    of parts (a joint image + mask target) is drawn part by part: the sample's parts, then the real target's.
 
     Args:
         summary_writer: a ``torch.utils.tensorboard.SummaryWriter``.
         data_loader: validation data loader; its first batch is used every time.
         network: the network to sample with (the EMA copy).
         sampler: a :class:`segdiff.engine.ConditionalDiffusionSampler` (few DDIM steps keep this quick).
-        condition_key, target_key: batch keys.
-        condition_kind, target_kind: how to draw each: ``"image"`` (grey scale) or ``"onehot"`` (label colours).
+        condition_key, target_key: batch keys; ``condition_key`` None for an unconditional model (the sampler is
+            then ``conditional=False`` and the target only gives the grid).
+        condition_kind, target_kind: how to draw each: ``"image"`` (grey scale) or ``"onehot"`` (label colours);
+            ``target_kind`` may list one kind per part of the target, e.g. ``["image", "onehot"]``.
+        target_channels: with several target kinds, the channels of each part in order, e.g. ``[1, 4]`` for one
+            image channel followed by a 4-class one-hot mask; None (default) with a single kind.
         num_images: rows of the grid.
         interval: epochs between grids.
         tag: TensorBoard tag.
@@ -335,10 +340,11 @@ class SampleGridHandler:
         data_loader: Any,
         network: torch.nn.Module,
         sampler: Any,
-        condition_key: str = "label",
+        condition_key: str | None = "label",
         target_key: str = "image",
         condition_kind: str = "onehot",
-        target_kind: str = "image",
+        target_kind: str | Sequence[str] = "image",
+        target_channels: Sequence[int] | None = None,
         num_images: int = 4,
         interval: int = 5,
         tag: str = "samples (condition | generated | real)",
@@ -348,7 +354,14 @@ class SampleGridHandler:
         self.network = network
         self.sampler = sampler
         self.keys = (condition_key, target_key)
-        self.kinds = (condition_kind, target_kind)
+        target_kinds = [target_kind] if isinstance(target_kind, str) else list(target_kind)
+        if len(target_kinds) > 1 and (target_channels is None or len(target_channels) != len(target_kinds)):
+            raise ValueError(
+                f"target_kind {target_kinds} has {len(target_kinds)} parts: target_channels must give the channels "
+                f"of each, found {target_channels!r}."
+            )
+        self.target_parts = list(zip(target_kinds, [None] if target_channels is None else list(target_channels)))
+        self.condition_kind = condition_kind
         self.num_images = num_images
         self.interval = max(int(interval), 1)
         self.tag = tag
@@ -360,13 +373,21 @@ class SampleGridHandler:
     def __call__(self, engine: Engine) -> None:
         if self._batch is None:
             self._batch = next(iter(self.data_loader))
-        condition = torch.as_tensor(self._batch[self.keys[0]])[: self.num_images]
         target = torch.as_tensor(self._batch[self.keys[1]])[: self.num_images]
+        # unconditional: the target only gives the sampler the grid (a conditional=False sampler reads its shape)
+        condition = target if self.keys[0] is None else torch.as_tensor(self._batch[self.keys[0]])[: self.num_images]
         device = next(self.network.parameters()).device
         samples = self.sampler(condition.to(device), self.network)[:, : target.shape[1]].cpu()
-        columns, kinds = [samples, target], [self.kinds[1], self.kinds[1]]
-        if condition.shape[1] > 0:  # an unconditional model has no condition to show
-            columns, kinds = [condition] + columns, [self.kinds[0]] + kinds
+        columns, kinds = [], []
+        for tensor in (samples, target):
+            start = 0
+            for kind, channels in self.target_parts:
+                stop = tensor.shape[1] if channels is None else start + int(channels)
+                columns.append(tensor[:, start:stop])
+                kinds.append(kind)
+                start = stop
+        if self.keys[0] is not None and condition.shape[1] > 0:  # an unconditional model has no condition to show
+            columns, kinds = [condition] + columns, [self.condition_kind] + kinds
         panel = make_panel(columns, kinds=kinds)
         self.writer.add_image(self.tag, panel, engine.state.epoch, dataformats="HWC")
         self.writer.flush()
