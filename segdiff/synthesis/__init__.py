@@ -7,6 +7,8 @@
 - :mod:`~segdiff.synthesis.synthesize`: the per-mask loop (rounds of generation, judging, decision), resumable;
 - :mod:`~segdiff.synthesis.records`: the output folder (pairs, datalist, records of every try, settings).
 - :mod:`~segdiff.synthesis.shard`: the share of the masks of each process under torchrun;
+- :mod:`~segdiff.synthesis.generate`: image/mask pairs (joint model) or masks (mask generator) drawn from noise,
+  filtered and written like the pairs above;
 - :mod:`~segdiff.synthesis.plausibility`: whether a generated mask looks like the training masks (volumes,
   connected components, body).
 
@@ -20,6 +22,13 @@ from segdiff.synthesis.filter import (
     enough_passed,
     pair_scores,
     select_tries,
+)
+from segdiff.synthesis.generate import (
+    NoiseGenerator,
+    SampleSynthesizer,
+    generated_case_names,
+    reference_grid,
+    split_joint_sample,
 )
 from segdiff.synthesis.judges import (
     JUDGES,
@@ -49,6 +58,7 @@ __all__ = [
     "DEFAULT_ELASTIC_3D",
     "ClassStatistics",
     "MaskStatistics",
+    "NoiseGenerator",
     "PlausibilityFilter",
     "JUDGES",
     "DiffusionEnsembleJudge",
@@ -56,6 +66,7 @@ __all__ = [
     "FilterCriteria",
     "RandMaskDeform",
     "RandMaskDeformd",
+    "SampleSynthesizer",
     "SegmenterJudge",
     "SynthesisRecords",
     "Synthesizer",
@@ -66,10 +77,13 @@ __all__ = [
     "derive_seed",
     "enough_passed",
     "file_digest",
+    "generated_case_names",
     "load_weights",
     "pair_names",
     "pair_scores",
     "process_shard",
+    "reference_grid",
     "select_tries",
     "shard_of",
+    "split_joint_sample",
 ]

@@ -298,11 +298,11 @@ class SynthesisRecords:
         score_keys = ("case", "mask", "try", "seed", "sample", "unspecified_classes", "mask_changed", "dice",
                       "mean_dice", "relax_level", "min_class_dice", "min_mean_dice")
         training = [
-            {"image": r["image"], "label": r["label"], **{k: r[k] for k in score_keys}}
+            {**({"image": r["image"]} if r.get("image") else {}), "label": r["label"], **{k: r[k] for k in score_keys}}
             for r in self.tries
             if r["kept"]
         ]
-        training.sort(key=lambda e: e["image"])
+        training.sort(key=lambda e: e.get("image") or e["label"])  # generated masks alone have no image
         out: dict[str, Any] = {"training": training}
         if self.labels:
             out["labels"] = self.labels

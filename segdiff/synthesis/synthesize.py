@@ -43,7 +43,7 @@ from segdiff.synthesis.records import SynthesisRecords, file_digest, pair_names
 from segdiff.synthesis.shard import process_shard, shard_of
 from segdiff.transforms.io import output_case_name as case_name
 
-__all__ = ["DiffusionGenerator", "Synthesizer", "case_name", "derive_seed"]
+__all__ = ["DiffusionGenerator", "Synthesizer", "case_name", "derive_seed", "nifti_writer"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,25 @@ class DiffusionGenerator:
         out = sampler(torch.as_tensor(condition)[None].to(device), self.network, start)[0]
         out = torch.as_tensor(out).cpu()
         return out.reshape(int(num_samples), out.shape[0] // int(num_samples), *out.shape[1:])
+
+
+def nifti_writer(
+    tensor: torch.Tensor, grid: Any, label: bool = False, num_classes: int = 256
+) -> Callable[[str], None]:
+    """A callable writing ``tensor`` (channel first) as NIfTI on the grid of ``grid`` (a MetaTensor: its affine and
+    metadata) to a given ``.nii.gz`` path: float32 for images, rounded uint8 (int16 above 256 classes) for labels."""
+    meta = copy.deepcopy(grid.meta) if isinstance(grid, MetaTensor) else {}
+    data = MetaTensor(torch.as_tensor(tensor).detach().cpu().float(), meta=meta)
+    if label:
+        data = data.round()
+    dtype = (np.uint8 if num_classes <= 256 else np.int16) if label else np.float32
+    saver = SaveImage(output_ext=".nii.gz", output_postfix="", separate_folder=False, resample=False,
+                      output_dtype=dtype, print_log=False)
+
+    def write(path: str) -> None:
+        saver(data, meta_data=meta, filename=path[: -len(".nii.gz")])
+
+    return write
 
 
 def _unspecified(label: torch.Tensor, condition: torch.Tensor, num_classes: int) -> list[int]:
@@ -176,12 +195,6 @@ class Synthesizer:
         self.rank, self.world_size = process_shard(rank, world_size)
         self.records = SynthesisRecords(output_dir, full_settings, self.class_names, labels, self.rank,
                                         self.world_size)
-        self._saver = {
-            "image": SaveImage(output_ext=".nii.gz", output_postfix="", separate_folder=False, resample=False,
-                               output_dtype=np.float32, print_log=False),
-            "label": SaveImage(output_ext=".nii.gz", output_postfix="", separate_folder=False, resample=False,
-                               output_dtype=np.uint8 if num_classes <= 256 else np.int16, print_log=False),
-        }
 
     # -- before any work -------------------------------------------------------------------------------------------
     def prepare(self, entries: Sequence[Mapping[str, Any]]) -> int:
@@ -300,8 +313,9 @@ class Synthesizer:
             if decision.kept:
                 row["image"], row["label"] = pair_names(case, decision.rank)
                 image, label = held[row["try"]]
-                outputs += [(row["image"], self._writer("image", image, original))]
-                outputs += [(row["label"], self._writer("label", label, original))]
+                outputs += [(row["image"], nifti_writer(image, original))]
+                outputs += [(row["label"], nifti_writer(label, original, label=True,
+                                                        num_classes=self.criteria.num_classes))]
         self.records.finish_mask(case, entry["label"], rows, outputs)
         return rows
 
@@ -314,15 +328,3 @@ class Synthesizer:
         if "condition" not in data:
             raise KeyError("the variety transform must write the encoded mask to 'condition'.")
         return data
-
-    def _writer(self, kind: str, tensor: torch.Tensor, original: Any) -> Callable[[str], None]:
-        """A callable writing ``tensor`` on the grid of the loaded mask ``original`` to a given ``.nii.gz`` path."""
-        meta = copy.deepcopy(original.meta) if isinstance(original, MetaTensor) else {}
-        data = MetaTensor(torch.as_tensor(tensor).detach().cpu().float(), meta=meta)
-        if kind == "label":
-            data = data.round()
-
-        def write(path: str) -> None:
-            self._saver[kind](data, meta_data=meta, filename=path[: -len(".nii.gz")])
-
-        return write
