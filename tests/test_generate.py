@@ -18,6 +18,7 @@ from segdiff.synthesis.generate import (
     NoiseGenerator,
     SampleSynthesizer,
     generated_case_names,
+    masks_on_grid,
     reference_grid,
     split_joint_sample,
 )
@@ -157,3 +158,17 @@ def test_the_noise_generator_refuses_a_conditional_sampler_or_other_channel_coun
                 NoiseGenerator, network, Sampler(), training[0], 0, 3)
     Sampler.conditional = True
     raises_with("must be unconditional", NoiseGenerator, network, Sampler(), training[0], 1, 3)
+
+
+def test_training_masks_on_the_grid_of_a_2d_model_are_its_labelled_slices_resized(tmp_path):
+    write_dataset(tmp_path, shape=(20, 16, 12), splits={"training": 2})
+    entries = [{"label": str(tmp_path / "labels" / f"case{i}.nii.gz")} for i in range(2)]
+    reference = reference_grid(entries[0]["label"], spatial_dims=2)
+    small = reference[:, ::2, ::2]  # a coarser grid: the slices are resized (nearest) to it
+    masks = list(masks_on_grid(entries, small, spatial_dims=2))
+    labels = [nib.load(e["label"]).get_fdata() for e in entries]
+    labelled = [k for x in labels for k in range(x.shape[2]) if x[..., k].any()]
+    assert len(masks) == len(labelled) and all(m.shape == (1, 10, 8, 1) for m in masks)
+    np.testing.assert_array_equal(masks[0][0, :, :, 0].numpy(), labels[0][::2, ::2, labelled[0]])
+    volumes = list(masks_on_grid(entries, reference_grid(entries[0]["label"], spatial_dims=3), spatial_dims=3))
+    assert len(volumes) == 2 and torch.equal(volumes[1][0], torch.as_tensor(labels[1]).long())

@@ -27,6 +27,7 @@ from segdiff.synthesis.generate import (
     NoiseGenerator,
     SampleSynthesizer,
     generated_case_names,
+    masks_on_grid,
     reference_grid,
     split_joint_sample,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "pair_names",
     "pair_scores",
     "process_shard",
+    "masks_on_grid",
     "reference_grid",
     "select_tries",
     "shard_of",

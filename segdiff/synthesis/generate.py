@@ -20,13 +20,13 @@ import copy
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, SpatialCrop
+from monai.transforms import LoadImage, Resize, SpatialCrop
 from tqdm.auto import tqdm
 
 from segdiff.data.inputs import require_file
@@ -36,7 +36,14 @@ from segdiff.synthesis.records import SynthesisRecords, file_digest, pair_names
 from segdiff.synthesis.shard import process_shard, shard_of
 from segdiff.synthesis.synthesize import derive_seed, nifti_writer
 
-__all__ = ["NoiseGenerator", "SampleSynthesizer", "generated_case_names", "reference_grid", "split_joint_sample"]
+__all__ = [
+    "NoiseGenerator",
+    "SampleSynthesizer",
+    "generated_case_names",
+    "masks_on_grid",
+    "reference_grid",
+    "split_joint_sample",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +81,31 @@ def reference_grid(path: str, spatial_dims: int, slice_axis: int = 2) -> MetaTen
     elif grid.ndim - 1 != spatial_dims and not (spatial_dims == 2 and grid.ndim == 3):
         raise ValueError(f"{path}: a {grid.ndim - 1}D file cannot be the reference grid of a {spatial_dims}D model.")
     return MetaTensor(torch.zeros(grid.shape), meta=copy.deepcopy(grid.meta))
+
+
+def masks_on_grid(
+    entries: Sequence[Mapping[str, Any]], reference: MetaTensor, spatial_dims: int, slice_axis: int = 2
+) -> Iterator[torch.Tensor]:
+    """The training masks as the generator sees them, on the reference grid's shape (nearest-neighbour resizing):
+    what the plausibility statistics are computed from.
+
+    A 2D model: every slice along ``slice_axis`` with a labelled voxel (the slices it was trained on), shaped like
+    the reference (one slice); a 3D model: every volume.
+    """
+    load = LoadImage(image_only=True, ensure_channel_first=True)
+    shape = tuple(reference.shape[1:])
+    for entry in entries:
+        label = torch.as_tensor(load(require_file(entry["label"])))[:1].float()
+        if spatial_dims == 2 and label.ndim == 4:
+            axis = 1 + slice_axis
+            in_plane = tuple(n for d, n in enumerate(shape) if d != slice_axis)
+            for k in range(label.shape[axis]):
+                piece = label.select(axis, k)
+                if piece.any():
+                    resized = Resize(in_plane, mode="nearest")(piece)
+                    yield torch.as_tensor(resized).long().unsqueeze(axis)
+        else:
+            yield torch.as_tensor(Resize(shape, mode="nearest")(label)).long()
 
 
 def generated_case_names(num_cases: int) -> list[str]:
