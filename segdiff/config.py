@@ -1,4 +1,4 @@
-"""Small helpers that bundle configs call: renamed keys and key values checked against their allowed set."""
+"""Small helpers that bundle configs call: renamed keys and key values checked against their allowed set or bound."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from segdiff.errors import ConfigKeyError
 
-__all__ = ["choice", "renamed_key"]
+__all__ = ["at_least", "choice", "renamed_key"]
 
 
 def renamed_key(old_name: str, old_value: Any, new_name: str, default: Any) -> Any:
@@ -28,4 +28,12 @@ def choice(key: str, value: Any, allowed: Iterable[Any]) -> Any:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ConfigKeyError(f"'{key}' must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+    return value
+
+
+def at_least(key: str, value: Any, minimum: int, why: str = "") -> Any:
+    """``value`` if it is at least ``minimum``, else a refusal naming the key, the value, the bound and ``why``."""
+    if value is None or value < minimum:
+        reason = f" ({why})" if why else ""
+        raise ConfigKeyError(f"'{key}' must be at least {minimum}{reason}; got {value!r}.")
     return value

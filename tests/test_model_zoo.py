@@ -37,7 +37,11 @@ MAX_FILE_BYTES = 25 * 1024 * 1024
 #: every workflow a bundle's configs make: configs merged in order -> workflow type. Base train.yaml and
 #: inference.yaml are checked with ``missing_properties``, the overlays here.
 OVERLAY_WORKFLOWS = {
-    "mask_to_image": {("train.yaml", "multi_gpu_train.yaml"): "train"},
+    "mask_to_image": {
+        ("train.yaml", "multi_gpu_train.yaml"): "train",
+        ("train.yaml", "train_joint.yaml"): "train",
+        ("train.yaml", "train_mask_generator.yaml"): "train",
+    },
     "image_to_mask": {
         ("train.yaml", "multi_gpu_train.yaml"): "train",
         ("train.yaml", "train_baseline.yaml"): "train",

@@ -177,6 +177,18 @@ def test_record_of_another_bundle_is_refused(trained):
         record.check(read_record(trained / "m2i" / "models" / "model.pt"), "model.json")
 
 
+
+def test_weights_of_another_kind_of_model_are_refused_without_override_hints():
+    """Joint image+mask weights given to a mask -> image config: no override can fix that, so none is suggested."""
+    joint = ModelRecord({"num_classes": 3, "target": "image+mask", "condition": None}, bundle="mask_to_image")
+    plain = ModelRecord({"num_classes": 3, "target": "image", "condition": "label"}, bundle="mask_to_image")
+    with pytest.raises(ModelMismatchError) as error:
+        plain.check(joint.build(torch.nn.Linear(2, 2)), "model.json")
+    message = str(error.value)
+    assert 'target: trained "image+mask", configured "image"' in message
+    assert "These weights generate image+mask from no condition; this config generates image from label" in message
+    assert "--target" not in message and "--condition" not in message
+
 def test_describe_network_reads_monai_constructor_arguments():
     from monai.networks.nets import DiffusionModelUNet, UNet
 

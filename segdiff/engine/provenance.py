@@ -333,6 +333,14 @@ class ModelRecord:
         if lines:
             fix = "Add the config or preset used in training (e.g. ../../configs/demo_cpu.yaml)"
             fix += f", or these overrides: {' '.join(overrides)}" if overrides else "."
+            if any(key in ("target", "condition") for key, _, _ in diffs):  # another kind of model (e.g. joint image+mask weights given to a mask -> image config)
+                trained = record.get("settings", {})
+                fix = (
+                    f"These weights generate {trained.get('target')} from {trained.get('condition') or 'no condition'}"
+                    f"; this config generates {self.settings.get('target')} from "
+                    f"{self.settings.get('condition') or 'no condition'}. No override turns one into the other: use "
+                    "the config made for such weights, or this config's own weights (model_path)."
+                )
             raise ModelMismatchError(
                 f"{source} says these weights were trained with other settings than this config gives:\n"
                 + "\n".join(lines)
