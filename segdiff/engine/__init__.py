@@ -12,6 +12,17 @@ from .handlers import (
     atomic_torch_save,
     check_run_folder,
 )
+from .latent import (
+    ControlNetDiffusion,
+    EmptyLabeld,
+    LatentDiffusionPrepareBatch,
+    LatentDiffusionSampler,
+    controlnet_from_unet,
+    empty_mask,
+    latent_geometry,
+    modality_ids,
+    null_class,
+)
 from .lr_schedule import WallTimeCosineSchedule, warmup_cosine_schedule
 from .objective import (
     DIFFUSIONS,
