@@ -53,6 +53,8 @@ NOT_WORKFLOWS = {
     "evaluate.yaml": "scores the files inference wrote: no network_def, evaluator or inferer to check",
     "synthesize.yaml": "an overlay of inference.yaml whose run is the synthesizer, not the evaluator; it only inherits "
     "inference.yaml's properties, checked there",
+    "synthesize_joint.yaml": "an overlay of inference.yaml and synthesize.yaml whose run is the synthesizer of "
+    "unconditional samples, not the evaluator; it only inherits inference.yaml's properties, checked there",
 }
 
 
