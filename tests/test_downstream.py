@@ -21,10 +21,13 @@ from PIL import Image
 
 from segdiff.data.datalist import resolve_datalist
 from segdiff.evaluation.downstream import (
+    arm_colours,
     arm_data,
+    arm_title,
     per_class_iou,
     real_subset,
     source_case,
+    source_sets,
     synthetic_entries,
     train_segmenter,
 )
@@ -75,6 +78,26 @@ def test_arms_are_real_synthetic_and_both():
     assert data["real"] == real and data["synthetic"] == synthetic and data["mixed"] == real + synthetic
     raises_with("unknown arm 'fake'", arm_data, ["fake"], real, synthetic)
     raises_with("needs synthetic pairs", arm_data, ["mixed"], real, None)
+
+
+def test_further_synthetic_sources_add_their_own_arms_named_after_them(tmp_path):
+    real, synthetic = cases(2), [{"image": "s.nii.gz", "label": "s.nii.gz"}]
+    joint = [{"image": "j.nii.gz", "label": "j.nii.gz", "mean_dice": 0.9}]
+    data = arm_data(["real", "synthetic_joint", "mixed_joint", "mixed"], real, synthetic, {"joint": joint})
+    assert list(data) == ["real", "synthetic_joint", "mixed_joint", "mixed"]
+    assert data["synthetic_joint"] == [{"image": "j.nii.gz", "label": "j.nii.gz"}]
+    assert data["mixed_joint"] == real + data["synthetic_joint"] and data["mixed"] == real + synthetic
+    raises_with("unknown arm 'mixed_masks': expected some of ['real', 'synthetic', 'mixed', 'synthetic_joint', "
+                "'mixed_joint']", arm_data, ["mixed_masks"], real, None, {"joint": joint})
+    assert arm_title("mixed_generated_masks") == "real + generated masks" and arm_title("synthetic_joint") == "joint only"
+    colours = arm_colours(["real", "mixed", "mixed_joint", "synthetic_joint"])
+    assert len(set(colours.values())) == 4 and colours["real"] == (55, 110, 190)
+    datalist = tmp_path / "joint" / "datalist.json"
+    datalist.parent.mkdir()
+    datalist.write_text(json.dumps({"training": [{"image": "images/a.nii.gz", "label": "labels/a.nii.gz"}]}))
+    sets = source_sets({"joint": str(datalist)})
+    assert sets["joint"][0]["image"] == str(tmp_path / "joint" / "images" / "a.nii.gz")  # relative to its folder
+    raises_with("synthetic_sources: 'mixed' is not a usable source name", source_sets, {"mixed": str(datalist)})
 
 
 def test_iou_per_class_on_known_label_maps_is_the_twin_of_dice():
@@ -155,6 +178,21 @@ def test_three_arms_are_trained_equally_and_scored_per_class_on_the_real_test_sp
     assert "| real only | 2 | 0 |" in table and "| synthetic only | 0 | 4 |" in table and "| real + synthetic | 2 | 4 |" in table
     assert Image.open(out / "downstream.png").format == "PNG"
     assert sorted(p.name for p in out.glob("segmenter_*.pt")) == ["segmenter_mixed.pt", "segmenter_real.pt", "segmenter_synthetic.pt"]
+
+
+@pytest.mark.slow
+def test_a_further_source_is_trained_and_reported_in_its_own_arm(data):
+    root, real, synthetic = data
+    out = root / "report_sources"
+    run_bundle("mask_to_image", ["evaluate.yaml", DOWNSTREAM],
+               **settings(root, real, synthetic_sources={"joint": str(synthetic)}, real_fraction=0.5,
+                          downstream_arms=["real", "mixed_joint"], image_quality=False, downstream_dir=str(out)))
+    report = json.loads((out / "downstream.json").read_text())
+    counts = {arm: (v["real_cases"], v["synthetic_pairs"]) for arm, v in report["arms"].items()}
+    assert counts == {"real": (2, 0), "mixed_joint": (2, 8)}  # all 8 pairs: a further source is not filtered by the subset
+    assert report["settings"]["synthetic_sources"] == {"joint": str(synthetic)}
+    assert "| real + joint | 2 | 8 |" in (out / "downstream.md").read_text()
+    assert sorted(p.name for p in out.glob("segmenter_*.pt")) == ["segmenter_mixed_joint.pt", "segmenter_real.pt"]
 
 
 @pytest.mark.slow

@@ -48,16 +48,66 @@ __all__ = [
     "train_arm",
     "train_segmenter",
     "write_downstream_report",
+    "arm_title",
+    "arm_colours",
+    "source_sets",
 ]
 
 logger = logging.getLogger("segdiff.evaluation")
 
 
-#: the training-data arms, in report order
+#: the training-data arms, in report order; a further synthetic source ``<name>`` (``synthetic_sources``) adds the
+#: arms ``synthetic_<name>`` and ``mixed_<name>``
 ARMS = ("real", "synthetic", "mixed")
-#: bar colours of the arms in the plot
+#: bar colours of the arms in the plot (further arms take _EXTRA_COLOURS in turn)
 ARM_COLOURS = {"real": (55, 110, 190), "synthetic": (230, 140, 40), "mixed": (70, 160, 80)}
+_EXTRA_COLOURS = ((200, 60, 60), (150, 90, 190), (120, 80, 40), (220, 120, 180), (110, 110, 110), (30, 170, 170))
 _ARM_TITLES = {"real": "real only", "synthetic": "synthetic only", "mixed": "real + synthetic"}
+
+
+def _arm_source(arm: str, sources: Mapping[str, Any]) -> tuple[str, str | None]:
+    """``(kind, source)`` of an arm: ``("real", None)``, ``("synthetic"|"mixed", None)`` for the pairs of
+    ``synthetic_datalist``, ``("synthetic"|"mixed", name)`` for ``synthetic_<name>`` / ``mixed_<name>``."""
+    if arm in ARMS:
+        return arm, None
+    for kind in ("synthetic", "mixed"):
+        name = arm[len(kind) + 1:] if arm.startswith(kind + "_") else None
+        if name and name in sources:
+            return kind, name
+    known = list(ARMS) + [f"{k}_{n}" for n in sources for k in ("synthetic", "mixed")]
+    raise ConfigKeyError(f"downstream_arms: unknown arm {arm!r}: expected some of {known}")
+
+
+def arm_title(arm: str) -> str:
+    """How the report names an arm: ``real only``, ``synthetic only``, ``joint only``, ``real + joint``..."""
+    if arm in _ARM_TITLES:
+        return _ARM_TITLES[arm]
+    for kind, title in (("synthetic_", "{} only"), ("mixed_", "real + {}")):
+        if arm.startswith(kind):
+            return title.format(arm[len(kind):].replace("_", " "))
+    return arm
+
+
+def arm_colours(arms: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """A distinct bar colour per arm."""
+    extra = iter(_EXTRA_COLOURS * (1 + len(arms) // len(_EXTRA_COLOURS)))
+    return {arm: ARM_COLOURS[arm] if arm in ARM_COLOURS else next(extra) for arm in arms}
+
+
+def source_sets(
+    sources: Mapping[str, str | os.PathLike] | None, split: str = "training"
+) -> dict[str, list[dict[str, Any]]]:
+    """The pairs of every further synthetic source, ``name -> datalist`` (each datalist's paths relative to its own
+    folder): e.g. ``{"joint": ".../joint_synthetic/datalist.json", "generated_masks": ...}``. Their pairs are not
+    filtered by the real subset: they come from generative models, whose training data the report states."""
+    out = {}
+    for name, datalist in dict(sources or {}).items():
+        if not str(name).replace("_", "").isalnum() or name in ARMS:
+            raise ConfigKeyError(f"synthetic_sources: {name!r} is not a usable source name (letters, digits, _)")
+        out[str(name)] = resolve_datalist(datalist, None, split)
+        if not out[str(name)]:
+            raise DatalistError(f"synthetic_sources[{name!r}]: {datalist} has no {split!r} entries")
+    return out
 
 
 def real_subset(
@@ -147,21 +197,26 @@ def synthetic_entries(
 
 
 def arm_data(
-    arms: Sequence[str], real: Sequence[Mapping[str, Any]], synthetic: Sequence[Mapping[str, Any]] | None
+    arms: Sequence[str],
+    real: Sequence[Mapping[str, Any]],
+    synthetic: Sequence[Mapping[str, Any]] | None,
+    sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Training entries of each arm: ``real``, ``synthetic`` or ``mixed`` (both, in one shuffled pool).
+    """Training entries of each arm: ``real``, ``synthetic`` or ``mixed`` (both, in one shuffled pool), and
+    ``synthetic_<name>`` / ``mixed_<name>`` for every further source of :func:`source_sets`.
 
     Only ``image`` and ``label`` are kept: synthetic entries carry their scores (nested, with nulls), which a data
     loader cannot collate beside real entries that have none."""
     if not arms:
         raise ConfigKeyError("downstream_arms is empty: give at least one of " + ", ".join(ARMS))
+    sources = dict(sources or {})
     data = {}
     for arm in arms:
-        if arm not in ARMS:
-            raise ConfigKeyError(f"downstream_arms: unknown arm {arm!r}: expected some of {list(ARMS)}")
-        if arm != "real" and synthetic is None:
+        kind, name = _arm_source(arm, sources)
+        pairs = synthetic if name is None else sources[name]
+        if kind != "real" and pairs is None:
             raise ConfigKeyError(f"arm {arm!r} needs synthetic pairs: set synthetic_datalist")
-        chosen = real if arm == "real" else synthetic if arm == "synthetic" else [*real, *synthetic]
+        chosen = real if kind == "real" else pairs if kind == "synthetic" else [*real, *pairs]
         data[arm] = [{"image": e["image"], "label": e["label"]} for e in chosen]
         if not data[arm]:
             raise DatalistError(f"arm {arm!r} has no training entries")
@@ -323,7 +378,7 @@ def run_arms(
     """
     results = {}
     for arm, entries in data.items():
-        num_real = real_cases if arm in ("real", "mixed") else 0
+        num_real = real_cases if arm == "real" or arm.startswith("mixed") else 0
         logger.info("[downstream] arm '%s': %d real case(s) + %d synthetic pair(s)", arm, num_real, len(entries) - num_real)
         model = train_arm(arm, entries, network, train, report_dir)
         results[arm] = {"network": model, "real_cases": num_real, "synthetic_pairs": len(entries) - num_real,
@@ -374,7 +429,7 @@ def downstream_markdown(report: Mapping[str, Any]) -> str:
               *(f"IoU {n}" for n in names), "mean IoU"]
     rows = []
     for arm, entry in report["arms"].items():
-        rows.append([_ARM_TITLES.get(arm, arm), str(entry["real_cases"]), str(entry["synthetic_pairs"]),
+        rows.append([arm_title(arm), str(entry["real_cases"]), str(entry["synthetic_pairs"]),
                      *(entry["dice"][n] for n in names), entry["mean_dice"], *(entry["iou"][n] for n in names),
                      entry["mean_iou"]])
     return markdown_table(header, rows)
@@ -386,6 +441,7 @@ def save_bar_plot(report: Mapping[str, Any], path: str) -> str:
 
     names = list(report["classes"]) + ["mean"]
     arms = list(report["arms"])
+    colours = arm_colours(arms)
     bar, gap, left, top, plot_h = 18, 26, 54, 34, 200
     group_w = bar * len(arms) + gap
     width = left + group_w * len(names) + 20
@@ -409,13 +465,13 @@ def save_bar_plot(report: Mapping[str, Any], path: str) -> str:
                 if value is None:
                     continue
                 x = x0 + a * bar
-                draw.rectangle([x, y0 + plot_h - value * plot_h, x + bar - 3, y0 + plot_h], fill=ARM_COLOURS.get(arm, (120, 120, 120)))
+                draw.rectangle([x, y0 + plot_h - value * plot_h, x + bar - 3, y0 + plot_h], fill=colours[arm])
             draw.text((x0, y0 + plot_h + 6), name[: max(4, group_w // 6)], fill="black", font=font)
     x = left
     for arm in arms:
         y = 2 * panel_h + 6
-        draw.rectangle([x, y, x + 12, y + 12], fill=ARM_COLOURS.get(arm, (120, 120, 120)))
-        label = _ARM_TITLES.get(arm, arm)
+        draw.rectangle([x, y, x + 12, y + 12], fill=colours[arm])
+        label = arm_title(arm)
         draw.text((x + 18, y), label, fill="black", font=font)
         x += 30 + int(draw.textlength(label, font=font))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
