@@ -111,6 +111,16 @@ def test_perceptual_term_is_added_with_its_weight():
     assert terms["loss"].item() == pytest.approx(0.5 + 2.0 * 0.25)
 
 
+def test_perceptual_term_loads_a_local_resnet50_file_without_network(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)  # stands in for pretrained weights
+    loss = AutoencoderLoss(perceptual_weight=0.1, perceptual_weights=str(path))
+    target = torch.rand(2, 1, 32, 32) * 2 - 1
+    terms = loss.terms((target + 0.1 * torch.randn_like(target), torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)), target)
+    assert math.isfinite(terms["perceptual_loss"].item()) and terms["perceptual_loss"].item() > 0
+
+
 # -- the adversarial term -----------------------------------------------------------------------------------------
 
 
@@ -280,7 +290,8 @@ def test_resume_continues_and_trains_the_discriminator_after_the_warm_up(trained
 
 def test_training_refuses_to_overwrite_an_earlier_run(trained):
     root, settings, _ = trained
-    raises_with("exist(s) from an earlier run", run_bundle, BUNDLE, [CONFIG], run_id="training", max_epochs=3, **settings)
+    raises_with("exist(s) from an earlier run", run_bundle, BUNDLE, [CONFIG], run_id="training", max_epochs=3,
+                **settings)
 
 
 def test_training_with_perceptual_weight_but_no_local_weights_stops_before_any_work(tmp_path, trained):

@@ -102,15 +102,15 @@ def check_perceptual_weights(
     if perceptual_network not in LOCAL_PERCEPTUAL_NETWORKS:
         raise ConfigKeyError(
             f"perceptual_network {perceptual_network!r} cannot load local weights in MONAI's PerceptualLoss (its "
-            f"weights are downloaded at run time, which training never does); use one of {list(LOCAL_PERCEPTUAL_NETWORKS)}"
-            " with perceptual_weights, or set perceptual_weight: 0."
+            "weights are downloaded at run time, which training never does); use one of "
+            f"{list(LOCAL_PERCEPTUAL_NETWORKS)} with perceptual_weights, or set perceptual_weight: 0."
         )
     if not perceptual_weights:
         raise ConfigKeyError(
-            f"perceptual_weight is {perceptual_weight} but perceptual_weights is not set: the perceptual loss needs its "
-            "network's pretrained weights in a local file (training never downloads them). Set perceptual_weights to a "
-            f"torchvision {perceptual_network} state dict on disk (e.g. --perceptual_weights /models/resnet50.pth), "
-            "or set perceptual_weight: 0 to train without the perceptual term."
+            f"perceptual_weight is {perceptual_weight} but perceptual_weights is not set: the perceptual loss needs "
+            "its network's pretrained weights in a local file (training never downloads them). Set perceptual_weights "
+            f"to a torchvision {perceptual_network} state dict on disk (e.g. --perceptual_weights "
+            "/models/resnet50.pth), or set perceptual_weight: 0 to train without the perceptual term."
         )
     if not Path(perceptual_weights).is_file():
         raise ConfigKeyError(
@@ -286,7 +286,9 @@ class AutoencoderTrainingStep:
         from monai.losses import PatchAdversarialLoss
 
         if adversarial_weight is None or adversarial_weight < 0:
-            raise ConfigKeyError(f"adversarial_weight must be >= 0 (0 = no adversarial term), found {adversarial_weight}")
+            raise ConfigKeyError(
+                f"adversarial_weight must be >= 0 (0 = no adversarial term), found {adversarial_weight}"
+            )
         if adversarial_warmup_steps is None or int(adversarial_warmup_steps) < 0:
             raise ConfigKeyError(f"adversarial_warmup_steps must be an integer >= 0, found {adversarial_warmup_steps}")
         if adversarial_weight > 0 and (discriminator is None or discriminator_optimizer is None):
@@ -303,7 +305,8 @@ class AutoencoderTrainingStep:
 
     def adversarial_active(self, iteration: int) -> bool:
         """Whether iteration ``iteration`` (1-based, as Ignite counts) trains with the adversarial term."""
-        return self.adversarial_weight > 0 and self.discriminator is not None and iteration > self.adversarial_warmup_steps
+        enabled = self.adversarial_weight > 0 and self.discriminator is not None
+        return enabled and iteration > self.adversarial_warmup_steps
 
     @staticmethod
     def _autocast(engine: Engine):
@@ -325,7 +328,8 @@ class AutoencoderTrainingStep:
     def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
         active = self.adversarial_active(engine.state.iteration)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         scaler = engine.scaler if engine.amp else None
@@ -340,7 +344,8 @@ class AutoencoderTrainingStep:
             terms = engine.loss_function.terms(output, targets)
             generator = reconstruction.new_zeros((), dtype=torch.float32)
             if active:
-                generator = self.adversarial_loss(self._logits(reconstruction), target_is_real=True, for_discriminator=False)
+                logits = self._logits(reconstruction)
+                generator = self.adversarial_loss(logits, target_is_real=True, for_discriminator=False)
             loss = terms["loss"] + self.adversarial_weight * generator
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -354,12 +359,13 @@ class AutoencoderTrainingStep:
             self.discriminator.train()
             self.discriminator_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
             with self._autocast(engine):
-                fake = self.adversarial_loss(self._logits(reconstruction.detach()), target_is_real=False, for_discriminator=True)
-                real = self.adversarial_loss(self._logits(inputs.detach()), target_is_real=True, for_discriminator=True)
+                fake_logits, real_logits = self._logits(reconstruction.detach()), self._logits(inputs.detach())
+                fake = self.adversarial_loss(fake_logits, target_is_real=False, for_discriminator=True)
+                real = self.adversarial_loss(real_logits, target_is_real=True, for_discriminator=True)
                 discriminator = 0.5 * (fake + real)
-            self._step(discriminator, self.discriminator_optimizer, self._discriminator_scaler if scaler is not None else None)
+            self._step(discriminator, self.discriminator_optimizer, self._discriminator_scaler)
         engine.state.output[Keys.PRED] = reconstruction.detach()
-        values = {**{k: v for k, v in terms.items() if k != "loss"}, "generator_loss": generator, "discriminator_loss": discriminator}
+        values = {**terms, "generator_loss": generator, "discriminator_loss": discriminator}
         engine.state.output["losses"] = {k: float(values[k].detach()) for k in LOSS_TERMS}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -386,10 +392,11 @@ def image_entries(
         if not isinstance(entry.get(modality_key), str) or not entry.get(modality_key).strip()
     ]
     if missing:
-        shown = ", ".join(f"{split}[{i}]" for i in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(f"{split}[{i}]" for i in missing[:5])
+        shown += f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DatalistError(
-            f"{datalist_name}: expected a {modality_key!r} name (e.g. \"ct\", \"t1\") in every entry, missing in {shown}; "
-            f"add it to those entries (the autoencoder is scored per modality)."
+            f"{datalist_name}: expected a {modality_key!r} name (e.g. \"ct\", \"t1\") in every entry, missing in "
+            f"{shown}; add it to those entries (the autoencoder is scored per modality)."
         )
     return [{image_key: entry[image_key], modality_key: entry[modality_key].strip()} for entry in entries]
 
@@ -530,9 +537,8 @@ class ReconstructionMetricsHandler:
 
     def _update(self, engine: Engine) -> None:
         output = engine.state.output
-        self.metrics.update(
-            _stack(output, Keys.PRED), _stack(output, Keys.LABEL), _batch_modalities(engine.state.batch, self.modality_key)
-        )
+        modalities = _batch_modalities(engine.state.batch, self.modality_key)
+        self.metrics.update(_stack(output, Keys.PRED), _stack(output, Keys.LABEL), modalities)
 
     def _complete(self, engine: Engine) -> None:
         from segdiff.engine.provenance import write_json_atomic
@@ -674,7 +680,8 @@ class LatentScaleFactor:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_rank() != 0:
             return
         scale, details = latent_scale_factor(
             self.autoencoder, self.data_loader, self.num_batches, self.image_key, self.device, return_details=True
