@@ -170,6 +170,19 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-label", action="store_true", help="entries need no label (image-only datalists)")
     parser.add_argument(
+        "--modality-key",
+        metavar="KEY",
+        help="entry key naming each image's modality (default: 'modality' when the datalist has a 'modalities' "
+        "mapping, which is then checked)",
+    )
+    parser.add_argument(
+        "--unlabelled-modalities",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="modalities whose entries need no label (e.g. mr: the target modality of latent_mask_to_image)",
+    )
+    parser.add_argument(
         "--output-keys",
         nargs="*",
         default=["image", "label"],
@@ -196,6 +209,8 @@ def _check_run(args: argparse.Namespace) -> int:
         require_label=not args.no_label,
         datalist_name=args.datalist,
         output_keys=args.output_keys,
+        modality_key=args.modality_key,
+        unlabelled_modalities=args.unlabelled_modalities,
     )
     if problems:
         print(DataCheckError(problems, args.datalist), file=sys.stderr)

@@ -374,3 +374,25 @@ def test_find_problems_reports_shared_output_names_within_a_split_only_when_aske
                                   "entry 2 siteB/labels/patient1.nii.gz")
     assert "naming its outputs after 'label' (mask -> image)" in problems[0]
     assert problems[1].startswith("training 'image': output 'patient1'") and "(image -> mask)" in problems[1]
+
+
+def test_modalities_are_checked_and_the_unlabelled_modality_needs_no_label(dataset):
+    root, datalist = dataset
+    datalist["modalities"] = {"ct": 0, "mr": 1}
+    datalist["training"][0]["modality"] = "ct"
+    datalist["training"][1] = {"image": "images/b.nii.gz", "modality": "mr"}  # MR: no label
+    datalist["validation"][0]["modality"] = "ct"
+    assert find_problems(datalist, root, 3, 1, unlabelled_modalities=["mr"]) == []
+    assert "training[1] 'label': expected a 'label' key" in only_problem(find_problems(datalist, root, 3, 1))
+    datalist["validation"][0]["modality"] = "pet"
+    assert only_problem(find_problems(datalist, root, 3, 1, unlabelled_modalities=["mr"])) == (
+        "validation[0] 'modality': 'pet' is not in the datalist's 'modalities' ['ct', 'mr']")
+    del datalist["validation"][0]["modality"]
+    assert "validation[0] 'modality': expected a 'modality' key naming one of ['ct', 'mr']" in only_problem(
+        find_problems(datalist, root, 3, 1, unlabelled_modalities=["mr"]))
+    datalist["validation"][0]["modality"] = "ct"
+    datalist["modalities"] = {"ct": 0, "mr": 2}
+    assert "modalities" in only_problem(find_problems(datalist, root, 3, 1, unlabelled_modalities=["mr"]))
+    del datalist["modalities"]
+    problems = find_problems(datalist, root, 3, 1, unlabelled_modalities=["mr"])
+    assert any("unlabelled modalities ['mr'] given, but the datalist has no 'modalities' mapping" in p for p in problems)

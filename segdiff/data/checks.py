@@ -267,6 +267,34 @@ class _Checker:
             )
 
 
+def _modalities(
+    datalist: Mapping[str, Any], modality_key: str | None, unlabelled: Sequence[str], checker: _Checker
+) -> dict[str, int] | None:
+    """The datalist's checked ``"modalities"`` mapping, or None when modalities are not checked."""
+    if modality_key is None and "modalities" not in datalist:
+        if unlabelled:
+            checker.add("modalities", f"unlabelled modalities {list(unlabelled)} given, but the datalist has no "
+                                      "'modalities' mapping (e.g. \"modalities\": {\"ct\": 0, \"mr\": 1})")
+        return None
+    if "modalities" not in datalist:
+        checker.add("modalities", "expected a 'modalities' mapping of names to class ids 0..n-1, e.g. "
+                                  "\"modalities\": {\"ct\": 0, \"mr\": 1}")
+        return None
+    from segdiff.engine.latent import modality_ids  # the bundles' own reading of the mapping
+
+    try:
+        ids = modality_ids(dict(datalist["modalities"]) if isinstance(datalist["modalities"], Mapping)
+                           else datalist["modalities"])
+    except SegdiffError as error:
+        checker.add("modalities", str(error))
+        mapping = datalist["modalities"]  # the entries are still checked against its names
+        return {str(k): -1 for k in mapping} if isinstance(mapping, Mapping) else None
+    for name in unlabelled:
+        if name not in ids:
+            checker.add("modalities", f"unlabelled modality {name!r} is not one of {sorted(ids)}")
+    return ids
+
+
 def find_problems(
     datalist: Mapping[str, Any] | str | os.PathLike,
     dataset_dir: str | os.PathLike | None,
@@ -279,6 +307,8 @@ def find_problems(
     require_image: bool = True,
     datalist_name: str | None = None,
     output_keys: Sequence[str] = (),
+    modality_key: str | None = None,
+    unlabelled_modalities: Sequence[str] = (),
 ) -> list[str]:
     """Check every entry of the given splits and return every problem found (an empty list: all good).
 
@@ -306,6 +336,11 @@ def find_problems(
         output_keys: entry keys that inference names outputs after, checked for shared output names within each
             split (default none: training writes no per-case outputs; ``segdiff check`` checks ``image`` and
             ``label``, see :data:`OUTPUT_KEYS`).
+        modality_key: entry key naming each image's modality (latent_mask_to_image); None: ``"modality"`` when the
+            datalist has a ``"modalities"`` mapping (name -> class id 0..n-1), else not checked. Then the mapping must
+            be valid and every entry must name one of its modalities.
+        unlabelled_modalities: modalities whose entries need no label (MRGen's target modality); their labels, if
+            present, are still checked.
     """
     datalist, dataset_dir, datalist_name = as_datalist(datalist, dataset_dir, datalist_name)
     if isinstance(splits, str):
@@ -314,6 +349,9 @@ def find_problems(
         raise ValueError(f"num_classes must be an integer >= 0, found {num_classes!r}")
     channels = None if image_channels is None else int(image_channels)
     checker = _Checker(dataset_dir, int(num_classes), channels)
+    modalities = _modalities(datalist, modality_key, unlabelled_modalities, checker)
+    if modalities is not None and modality_key is None:
+        modality_key = "modality"
 
     for split in splits:
         entries = datalist.get(split)
@@ -332,8 +370,19 @@ def find_problems(
                 expected = f"{{{image_key!r}: ..., {label_key!r}: ...}}"
                 checker.add(where, f"expected an object like {expected}, found {entry!r}")
                 continue
+            label_required = require_label
+            if modalities is not None:
+                modality = entry.get(modality_key)
+                if modality is None:
+                    checker.add(f"{where} {modality_key!r}",
+                                f"expected a {modality_key!r} key naming one of {sorted(modalities)}, found keys "
+                                f"{sorted(entry)}")
+                elif modality not in modalities:
+                    checker.add(f"{where} {modality_key!r}",
+                                f"{modality!r} is not in the datalist's 'modalities' {sorted(modalities)}")
+                label_required = require_label and modality not in set(unlabelled_modalities)
             loaded = {}
-            for key, required in ((image_key, require_image), (label_key, require_label)):
+            for key, required in ((image_key, require_image), (label_key, label_required)):
                 if key not in entry:
                     if required:
                         checker.add(f"{where} {key!r}", f"expected a {key!r} key, found keys {sorted(entry)}")
@@ -382,6 +431,8 @@ def check_datalist(
     require_image: bool = True,
     datalist_name: str | None = None,
     output_keys: Sequence[str] = (),
+    modality_key: str | None = None,
+    unlabelled_modalities: Sequence[str] = (),
 ) -> int:
     """Check a datalist like :func:`find_problems` and raise if anything is wrong.
 
@@ -409,6 +460,8 @@ def check_datalist(
         require_image=require_image,
         datalist_name=datalist_name,
         output_keys=output_keys,
+        modality_key=modality_key,
+        unlabelled_modalities=unlabelled_modalities,
     )
     if problems:
         raise DataCheckError(problems, datalist_name)

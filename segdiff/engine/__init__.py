@@ -1,5 +1,19 @@
 """The conditional-diffusion engine shared by every bundle: batch preparation, sampling, training handlers."""
 
+from .autoencoder import (
+    AutoencoderLoss,
+    AutoencoderTrainingStep,
+    LatentScaleFactor,
+    ModalityReconstructionMetrics,
+    ReconstructionInferer,
+    ReconstructionMetricsHandler,
+    ReconstructionPrepareBatch,
+    kl_divergence,
+    latent_scale_factor,
+    read_latent_scale_factor,
+    reconstruction_metrics,
+    write_latent_scale_factor,
+)
 from .condition_encoder import ConditionEncoderDiffusion, describe_encoder, segmentation_diffusion_network
 from .dpm_solver import DPMSolverScheduler
 from .handlers import (
