@@ -194,3 +194,20 @@ def test_check_reports_inputs_that_would_share_an_output_name_and_exits_1(tmp_pa
     assert main(argv + ["--output-keys"]) == 0  # no keys: the check is skipped
     assert main(argv + ["--output-keys", "label"]) == 1
     assert "test 'image'" not in capsys.readouterr().err
+
+
+def test_check_reads_modalities_and_lets_the_unlabelled_modality_go_without_labels(tmp_path, capsys):
+    root = make_nnunet(tmp_path / "ds", num_cases=3)
+    main(["datalist", str(root), "--val-fraction", "0", "--test-fraction", "0"])
+    capsys.readouterr()
+    datalist = json.loads((root / "datalist.json").read_text())
+    datalist["modalities"] = {"ct": 0, "mr": 1}
+    for k, entry in enumerate(datalist["training"]):
+        entry["modality"] = "ct" if k == 0 else "mr"
+        if k > 0:
+            del entry["label"]
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    argv = ["check", str(root / "datalist.json"), "--num-classes", "3", "--splits", "training"]
+    assert main(argv + ["--unlabelled-modalities", "mr"]) == 0
+    assert main(argv) == 1
+    assert "training[1] 'label': expected a 'label' key" in capsys.readouterr().err
