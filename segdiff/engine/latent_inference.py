@@ -1,0 +1,173 @@
+"""Latent mask -> image sampling on each mask's own grid: what :class:`segdiff.engine.LatentDiffusionSampler` lacks for
+a bundle's inference (the latent_mask_to_image bundle's ``inference.yaml``).
+
+:class:`segdiff.engine.LatentDiffusionSampler` samples one batch of masks that already lie on the model's grid (a
+multiple of the autoencoder's downsampling, of the network's spatial dimensions). :class:`LatentGridSampler` wraps it
+the way :class:`segdiff.engine.ConditionalDiffusionSampler` treats cases: a 2D model over a 3D mask samples the slices
+along ``slice_axis`` (with :func:`segdiff.engine.grid.to_network_units` / ``from_network_units``); each slice or volume
+is resized to the model's ``image_size`` (the mask nearest, the image back linearly) or, for a model trained on crops
+at native resolution (``image_size`` None), padded with background up to ``size_divisor`` and cropped back; network
+inputs go through the sampler in chunks of ``batch_size``; the output carries the mask's metadata (affine, file
+name), so ``SaveSamplesd`` writes it on the mask's grid.
+
+Seeding: each case restarts from ``seed`` (a case's image does not depend on the other cases) and its slices get
+DIFFERENT noise, drawn in order from a generator seeded so. The wrapped sampler reseeds its own generator for every
+batch element (one noise for all slices), so it is built with ``seed`` None and the wrapper seeds torch's generators
+inside ``torch.random.fork_rng`` (the global random state is restored afterwards). For the deterministic samplers
+(ddim, dpm_solver, euler) the images do not depend on ``batch_size``; ddpm draws step noise in chunk order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.utils import convert_to_tensor
+
+from segdiff.engine.grid import from_network_units, resize, to_network_units
+from segdiff.errors import ConfigKeyError, ModelMismatchError
+
+__all__ = ["LatentGridSampler", "trained_modalities"]
+
+
+def trained_modalities(weights_path: Any) -> dict[str, int]:
+    """The modality name -> class id mapping the latent UNet at ``weights_path`` was trained with (its record's
+    ``settings.modalities``, written by train_diffusion.yaml): the class ids only mean what training's datalist said.
+
+    Raises:
+        InputNotFoundError: no weights there.
+        ModelMismatchError: no record beside them, or one without ``modalities``.
+    """
+    from segdiff.data.inputs import require_file
+    from segdiff.engine.latent import modality_ids
+    from segdiff.engine.provenance import read_record, record_path
+
+    require_file(str(weights_path), hint="train the bundle first (train_diffusion.yaml) or set diffusion_path")
+    record = read_record(weights_path)
+    modalities = None if record is None else record.get("settings", {}).get("modalities")
+    if not isinstance(modalities, Mapping):
+        raise ModelMismatchError(
+            f"{record_path(weights_path)} is missing or names no 'modalities' (settings.modalities): the latent UNet's "
+            "class ids cannot be mapped to modality names. Use weights written by train_diffusion.yaml with their "
+            "record."
+        )
+    return modality_ids(dict(modalities))
+
+
+def _background_pad(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Pad one-hot masks ``(N, C, *spatial)`` at the end of each axis up to ``size`` with background (channel 0 on,
+    the others off): training pads label maps with 0 before encoding them, so padding is background there too."""
+    pad: list[int] = []
+    for have, want in zip(reversed(x.shape[2:]), reversed(size)):
+        pad += [0, int(want) - int(have)]
+    if not any(pad):
+        return x
+    out = F.pad(x, pad)
+    out[:, :1] += F.pad(torch.zeros_like(x[:, :1]), pad, value=1.0)
+    return out
+
+
+class LatentGridSampler:
+    """Images for one-hot masks on their own grids: slices of volumes for 2D models, resizing or padding to the
+    model's grid, chunks of ``batch_size``, per-case seeds (see the module docstring).
+
+    A callable ``sampler(inputs, network)`` (a MONAI inferer for ``SupervisedEvaluator``).
+
+    Args:
+        sampler: a :class:`segdiff.engine.LatentDiffusionSampler` built with ``seed`` None (this wrapper seeds).
+        spatial_dims: the networks' spatial dimensions (2: slices of 3D masks, or 2D masks; 3: volumes).
+        image_size: the image size the models were trained on (masks are resized to it, images back); None: sample
+            at the mask's own size, padded with background to a multiple of ``size_divisor`` (``roi_size`` training).
+        slice_axis: for a 2D model and 3D masks, the spatial axis the volume is cut along.
+        batch_size: network inputs (slices or volumes) per call of the latent sampler.
+        size_divisor: with ``image_size`` None, the multiple the grid is padded to: the autoencoder's downsampling
+            times the latent UNet's (``2 ** (levels - 1)`` each).
+        seed: seed of every case's noise; None: torch's global generator, not reseeded.
+        class_labels: the modality per call (a name or id) instead of the latent sampler's ``modality``; None: its own.
+    """
+
+    def __init__(
+        self,
+        sampler: Any,
+        spatial_dims: int = 2,
+        image_size: Sequence[int] | None = None,
+        slice_axis: int = 2,
+        batch_size: int = 16,
+        size_divisor: int = 1,
+        seed: int | None = 0,
+        class_labels: Any = None,
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ConfigKeyError(f"'spatial_dims' must be 2 or 3, got {spatial_dims}.")
+        if getattr(sampler, "seed", None) is not None:
+            raise ConfigKeyError(
+                "LatentGridSampler seeds every case itself: build its LatentDiffusionSampler with seed None (which "
+                "would give every slice of a volume the same noise) and give the seed to LatentGridSampler."
+            )
+        if getattr(sampler, "spatial_dims", spatial_dims) != spatial_dims:
+            raise ConfigKeyError(
+                f"'spatial_dims' is {spatial_dims} but the autoencoder is {sampler.spatial_dims}D: use the autoencoder "
+                "trained for this bundle's spatial_dims."
+            )
+        if image_size is not None and len(image_size) != spatial_dims:
+            raise ConfigKeyError(f"'image_size' {list(image_size)} must have {spatial_dims} entries.")
+        if int(batch_size) < 1:
+            raise ConfigKeyError(f"'batch_size' must be >= 1, got {batch_size}.")
+        self.sampler = sampler
+        self.spatial_dims = int(spatial_dims)
+        self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
+        self.slice_axis = int(slice_axis)
+        self.batch_size = int(batch_size)
+        self.size_divisor = max(int(size_divisor), 1)
+        self.seed = seed
+        self.class_labels = class_labels
+
+    def model_size(self, case_size: Sequence[int]) -> tuple[int, ...]:
+        """The grid the networks run on for a slice or volume of ``case_size``."""
+        if self.image_size is not None:
+            return self.image_size
+        return tuple(math.ceil(int(s) / self.size_divisor) * self.size_divisor for s in case_size)
+
+    def _to_model(self, units: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        if self.image_size is not None:
+            return resize(units, size, "mask")
+        return _background_pad(units, size)
+
+    def _to_case(self, images: torch.Tensor, case_size: Sequence[int]) -> torch.Tensor:
+        if self.image_size is not None:
+            return resize(images, case_size, "probabilities")
+        return images[(slice(None), slice(None), *[slice(0, int(s)) for s in case_size])]
+
+    def _sample_case(self, units: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        case_size = units.shape[2:]
+        masks = self._to_model(units.float(), self.model_size(case_size))
+        images = []
+        for lo in range(0, masks.shape[0], self.batch_size):
+            images.append(self.sampler(masks[lo : lo + self.batch_size], network, class_labels=self.class_labels))
+        return self._to_case(torch.cat([convert_to_tensor(i, track_meta=False) for i in images]).float(), case_size)
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        """Images ``(B, image_channels, *spatial)`` for one-hot masks ``inputs`` ``(B, num_classes, *spatial)``, with
+        the inputs' metadata."""
+        device = next(network.parameters()).device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        outputs = []
+        for case in inputs:
+            case = convert_to_tensor(case, track_meta=False)
+            units = to_network_units(case, self.spatial_dims, self.slice_axis)
+            if self.seed is None:
+                images = self._sample_case(units, network)
+            else:
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(int(self.seed))  # each case from the seed: independent of the others
+                    images = self._sample_case(units, network)
+            outputs.append(from_network_units(images, case.ndim, self.spatial_dims, self.slice_axis))
+        result = torch.stack(outputs).to(inputs.device)
+        if isinstance(inputs, MetaTensor):
+            result = MetaTensor(result, meta=inputs.meta, applied_operations=inputs.applied_operations)
+            result.is_batch = inputs.is_batch
+        return result
