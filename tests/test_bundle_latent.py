@@ -5,6 +5,7 @@ the grid sampler inference wraps around the latent sampler (segdiff.engine.laten
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +15,7 @@ from bundle_utils import BUNDLES, anisotropic_affine, raises_with, run_bundle
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
 from segdiff.engine import LatentDiffusionSampler, build_scheduler, null_class
-from segdiff.engine.latent_inference import LatentGridSampler, trained_modalities
+from segdiff.engine.latent_inference import LatentGridSampler, check_model_grid, trained_modalities
 from segdiff.engine.provenance import state_dict_sha256
 from segdiff.errors import ConfigKeyError, ModelMismatchError
 
@@ -133,7 +134,8 @@ def test_controlnet_stage_trains_the_controlnet_and_leaves_unet_and_autoencoder_
     for name, key in (("autoencoder", "autoencoder"), ("diffusion", "unet")):
         in_memory = stage3.parser.get_parsed_content(key).state_dict()
         assert all(torch.equal(v.cpu(), before[name][k]) for k, v in in_memory.items()), name
-        assert state_dict_sha256(torch.load(models / f"{name}.pt", weights_only=True)) == state_dict_sha256(before[name])
+        on_disk = torch.load(models / f"{name}.pt", weights_only=True)
+        assert state_dict_sha256(on_disk) == state_dict_sha256(before[name])
     # the ControlNet started from the UNet's encoder, and training moved it
     controlnet = torch.load(models / "controlnet.pt", weights_only=True)
     shared = [k for k in controlnet if k in before["diffusion"] and k.startswith("down_blocks")]
@@ -185,7 +187,38 @@ def test_inference_refuses_weights_trained_with_other_settings(trained, tmp_path
     error = raises_with("prediction_type: trained \"v_prediction\", configured \"epsilon\"", run_inference, paths,
                         tmp_path, prediction_type="epsilon")
     assert "diffusion.json" in str(error) and "--prediction_type v_prediction" in str(error)
-    raises_with("conditioning_channels: trained 8, configured 4", run_inference, paths, tmp_path, conditioning_channels=4)
+    raises_with("conditioning_channels: trained 8, configured 4", run_inference, paths, tmp_path,
+                conditioning_channels=4)  # not in the ControlNet's network record: a setting of its own
+
+
+def test_stages_refuse_to_overwrite_and_resume_and_inference_refuses_a_controlnet_of_another_unet(trained, tmp_path):
+    root, paths, _, _ = trained
+    copy = tmp_path / "bundle"
+    shutil.copytree(root / "bundle" / "models", copy / "models")
+    paths = {**paths, "bundle_root": str(copy)}
+    settings = {**paths, **COMMON, **LATENT, **TRAINING}
+    raises_with("exist(s) from an earlier run", run_bundle, BUNDLE, ["train_diffusion.yaml"], run_id="training",
+                max_epochs=3, **settings)
+    raises_with("exist(s) from an earlier run", run_bundle, BUNDLE, ["train_controlnet.yaml"], run_id="training",
+                max_epochs=2, **settings, **CONTROLNET)
+    first = torch.load(copy / "models" / "diffusion_checkpoint.pt", weights_only=False)["trainer"]["iteration"]
+    run_bundle(BUNDLE, ["train_diffusion.yaml"], run_id="training", max_epochs=3, resume=True, **settings)
+    checkpoint = torch.load(copy / "models" / "diffusion_checkpoint.pt", weights_only=False)
+    assert checkpoint["trainer"]["iteration"] > first and checkpoint["record"]["training"]["epoch"] == 3
+    # the UNet changed: the ControlNet trained on the earlier one is refused
+    raises_with("diffusion_sha256: trained", run_inference, paths, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_refuses_an_image_grid_the_networks_cannot_halve_before_any_work(trained, tmp_path):
+    _, paths, _, _ = trained
+    paths = {**paths, "bundle_root": str(tmp_path / "bundle")}
+    raises_with("every axis must be a multiple of 4", run_bundle, BUNDLE, ["train_diffusion.yaml"],
+                run_id="training", max_epochs=1, **paths, **{**COMMON, "image_size": [18, 16]}, **LATENT)
+    assert not (tmp_path / "bundle").exists()
+    check_model_grid([16, 8], [8, 8], [8, 8])
+    with pytest.raises(ConfigKeyError, match="found \\[18\\]"):
+        check_model_grid([18, 16], [8, 8], [8, 8])
 
 
 # ---- the grid sampler (segdiff.engine.latent_inference) -----------------------------------------------------------

@@ -31,7 +31,7 @@ from monai.utils import convert_to_tensor
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 from segdiff.errors import ConfigKeyError, ModelMismatchError
 
-__all__ = ["LatentGridSampler", "trained_modalities"]
+__all__ = ["LatentGridSampler", "check_model_grid", "model_grid_divisor", "trained_modalities"]
 
 
 def trained_modalities(weights_path: Any) -> dict[str, int]:
@@ -56,6 +56,33 @@ def trained_modalities(weights_path: Any) -> dict[str, int]:
             "record."
         )
     return modality_ids(dict(modalities))
+
+
+def model_grid_divisor(autoencoder_channels: Sequence[int], network_channels: Sequence[int]) -> int:
+    """What every axis of the image grid must be a multiple of: the autoencoder halves it once per level after the
+    first, and the latent UNet (and the ControlNet) halve the latent once per level after the first."""
+    return 2 ** (len(autoencoder_channels) - 1) * 2 ** (len(network_channels) - 1)
+
+
+def check_model_grid(
+    size: Sequence[int] | None,
+    autoencoder_channels: Sequence[int],
+    network_channels: Sequence[int],
+    key: str = "image_size",
+) -> None:
+    """Refuse an image grid (``image_size`` or ``roi_size``) the autoencoder and the latent UNet cannot run on, before
+    any data is cached: each axis must be a multiple of :func:`model_grid_divisor`. None (no fixed grid) passes."""
+    if size is None:
+        return
+    factor = model_grid_divisor(autoencoder_channels, network_channels)
+    bad = [int(s) for s in size if int(s) % factor]
+    if bad:
+        levels_ae, levels_unet = len(autoencoder_channels) - 1, len(network_channels) - 1
+        raise ConfigKeyError(
+            f"{key} {list(size)}: every axis must be a multiple of {factor} (the autoencoder halves it {levels_ae} "
+            f"time(s) for autoencoder_channels {list(autoencoder_channels)}, the latent UNet {levels_unet} more for "
+            f"network_channels {list(network_channels)}); found {bad}."
+        )
 
 
 def _background_pad(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
