@@ -289,3 +289,24 @@ def test_trained_modalities_need_the_unet_record(tmp_path):
     torch.save({}, tmp_path / "diffusion.pt")
     with pytest.raises(ModelMismatchError, match="modalities"):
         trained_modalities(tmp_path / "diffusion.pt")
+
+
+def test_grid_sampler_runs_a_3d_model_on_whole_volumes_resized_or_padded():
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(4, 4), latent_channels=2,
+                                num_res_blocks=1, norm_num_groups=2, attention_levels=(False, False),
+                                with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+    unet = DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=2, channels=(4, 4),
+                              attention_levels=(False, False), num_res_blocks=1, norm_num_groups=2,
+                              num_head_channels=4, num_class_embeds=null_class(MODALITIES) + 1)
+    masks = volume_masks((1, NUM_CLASSES, 6, 8, 7))
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+    schedule = build_scheduler("dpm_solver", num_train_timesteps=100, schedule="linear_beta", beta_start=1e-4,
+                               beta_end=2e-2, prediction_type="v_prediction", clip_sample=False)
+    inner = LatentDiffusionSampler(autoencoder, 0.8, schedule, MODALITIES, modality="ct", num_inference_steps=2,
+                                   seed=None)
+    padded = LatentGridSampler(inner, spatial_dims=3, size_divisor=4)(masks, unet)
+    resized = LatentGridSampler(inner, spatial_dims=3, image_size=(8, 8, 8))(masks, unet)
+    assert padded.shape == resized.shape == (1, 1, 6, 8, 7)
+    assert set(seen) == {(4, 4, 4)} and torch.isfinite(padded).all() and torch.isfinite(resized).all()
