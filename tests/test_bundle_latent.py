@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import BUNDLES, anisotropic_affine, raises_with, run_bundle
+from bundle_utils import BUNDLES, anisotropic_affine, raises_with, run_bundle, workflow_missing_properties
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
 from segdiff.engine import LatentDiffusionSampler, build_scheduler, null_class
@@ -219,6 +219,18 @@ def test_training_refuses_an_image_grid_the_networks_cannot_halve_before_any_wor
     check_model_grid([16, 8], [8, 8], [8, 8])
     with pytest.raises(ConfigKeyError, match="found \\[18\\]"):
         check_model_grid([18, 16], [8, 8], [8, 8])
+
+
+@pytest.mark.parametrize("config, workflow_type", [("train_diffusion.yaml", "train"),
+                                                    ("train_controlnet.yaml", "train"), ("inference.yaml", "infer")])
+def test_check_properties_empty_for_each_stage(trained, tmp_path, config, workflow_type):
+    _, paths, _, _ = trained
+    settings = {**paths, "output_dir": str(tmp_path), **COMMON, **LATENT, **CONTROLNET, "overwrite": True}
+    if workflow_type == "infer":
+        settings = {**settings, **INFERENCE}
+        for key in ("slices_per_volume", "val_interval", "target_modality", "target_mix_ratio"):
+            settings.pop(key)
+    assert workflow_missing_properties(BUNDLE, [config], workflow_type, **settings) == []
 
 
 # ---- the grid sampler (segdiff.engine.latent_inference) -----------------------------------------------------------
