@@ -37,6 +37,7 @@ from .latent import (
     modality_ids,
     null_class,
 )
+from .latent_inference import LatentGridSampler, check_model_grid, model_grid_divisor, trained_modalities
 from .lr_schedule import WallTimeCosineSchedule, warmup_cosine_schedule
 from .objective import (
     DIFFUSIONS,
