@@ -249,8 +249,8 @@ def tiny_models():
     return autoencoder, unet
 
 
-def grid_sampler(autoencoder, seed=0, **kwargs):
-    schedule = build_scheduler("ddim", num_train_timesteps=100, schedule="linear_beta", beta_start=1e-4,
+def grid_sampler(autoencoder, seed=0, sampler="ddim", **kwargs):
+    schedule = build_scheduler(sampler, num_train_timesteps=100, schedule="linear_beta", beta_start=1e-4,
                                beta_end=2e-2, prediction_type="epsilon", clip_sample=False)
     inner = LatentDiffusionSampler(autoencoder, 0.8, schedule, MODALITIES, modality="mr", num_inference_steps=2,
                                    seed=None)
@@ -278,6 +278,16 @@ def test_grid_sampler_samples_do_not_depend_on_batch_size():
     autoencoder, unet = tiny_models()
     one = grid_sampler(autoencoder, image_size=(16, 16), batch_size=1)(volume_masks(), unet)
     torch.testing.assert_close(grid_sampler(autoencoder, image_size=(16, 16), batch_size=3)(volume_masks(), unet), one)
+
+
+def test_grid_sampler_seeds_ddpm_step_noise_and_leaves_the_global_random_state_alone():
+    autoencoder, unet = tiny_models()
+    state = torch.random.get_rng_state()
+    first = grid_sampler(autoencoder, sampler="ddpm", image_size=(16, 16), batch_size=2)(volume_masks(), unet)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = grid_sampler(autoencoder, sampler="ddpm", image_size=(16, 16), batch_size=2)(volume_masks(), unet)
+    torch.testing.assert_close(again, first)
+    assert not torch.allclose(first[..., 0], first[..., 1])
 
 
 def test_grid_sampler_pads_to_the_size_divisor_without_image_size_and_crops_back():

@@ -286,6 +286,25 @@ def test_sampler_is_seeded_and_returns_images_on_the_mask_grid(name, plain_unet)
     assert not torch.allclose(sampler(name, seed=4, guidance_scale=2.0)(masks(), network), first)
 
 
+@pytest.mark.parametrize("plain_unet", [False, True])
+def test_seeded_batch_elements_get_their_own_noise_reproducibly(plain_unet):
+    network = make_unet() if plain_unet else make_wrapper()
+    same = masks(1).repeat(3, 1, 1, 1)  # one mask three times: only the noise can tell the elements apart
+    first = sampler(seed=3)(same, network)
+    assert not torch.allclose(first[0], first[1]) and not torch.allclose(first[1], first[2])
+    torch.testing.assert_close(sampler(seed=3)(same, network), first)
+
+
+def test_given_noise_replaces_the_drawn_noise():
+    network = make_unet()
+    noise = torch.randn((2, LATENT_CHANNELS, 8, 8), generator=torch.Generator().manual_seed(5))
+    given = sampler(seed=None)(masks(), network, noise=noise)
+    torch.testing.assert_close(sampler(seed=9)(masks(), network, noise=noise), given)  # the seed is not used
+    torch.testing.assert_close(sampler(seed=None)(masks(1), network, noise=noise[1:])[0], given[1])
+    with pytest.raises(ValueError, match="expected \\(2, 3, 8, 8\\)"):
+        sampler()(masks(), network, noise=noise[:1])
+
+
 def test_guidance_scale_one_runs_one_pass_and_otherwise_a_doubled_batch():
     network = make_wrapper()
     batch_sizes = []

@@ -507,8 +507,11 @@ class LatentDiffusionSampler:
         num_inference_steps: denoising steps.
         guidance_scale: classifier-free guidance ``s``: ``uncond + s * (cond - uncond)``; 1 runs the conditional pass
             only (no extra pass), 0 ignores the modality.
-        seed: seed of the latent noise, restarted for every case (a case's sample does not depend on the others);
-            None: torch's global generator.
+        seed: seed of the latent noise: every call restarts from it and draws the noise of all its batch elements at
+            once (so the elements differ, and the same call gives the same images); None: torch's global generator.
+            A caller that splits one case into several calls (``LatentGridSampler`` of
+            :mod:`segdiff.engine.latent_inference`) draws the case's noise itself and passes ``noise`` and
+            ``generator``.
         decode_roi_size: window of ``monai.inferers.SlidingWindowInferer`` over the LATENT grid for decoding big
             volumes in patches (None: decode the whole latent at once).
         decode_overlap, decode_mode: the sliding window's overlap and blending (``"gaussian"`` or ``"constant"``).
@@ -582,9 +585,21 @@ class LatentDiffusionSampler:
 
     @torch.no_grad()
     def sample_latents(
-        self, inputs: torch.Tensor, network: torch.nn.Module, class_labels: Any = None
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        class_labels: Any = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """The denoised scaled latents (B, latent_channels, *latent spatial) for ``inputs`` (see the class)."""
+        """The denoised scaled latents (B, latent_channels, *latent spatial) for ``inputs`` (see the class).
+
+        Args:
+            noise: the starting latent noise (B, latent_channels, *latent spatial); None: drawn here, all B elements
+                at once from ``generator``.
+            generator: for the starting noise (when drawn here) and ddpm's step noise; None: a generator seeded with
+                the sampler's ``seed`` for this call, or torch's global generator when ``seed`` is None.
+        """
         device = next(network.parameters()).device
         raw = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
         batch = inputs.shape[0]
@@ -597,24 +612,32 @@ class LatentDiffusionSampler:
         mask = None
         if isinstance(raw, ControlNetDiffusion):
             mask = convert_to_tensor(inputs, track_meta=False).float().to(device)
-        generator = None if self.seed is None else torch.Generator(device=device)
-        noise = []
-        for _ in range(batch):
-            if generator is not None:
-                generator.manual_seed(int(self.seed))  # type: ignore[arg-type]
-            noise.append(torch.randn(shape, generator=generator, device=device))
+        if generator is None and self.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(self.seed))  # once per call, not per element
+        if noise is None:
+            noise = torch.randn((batch, *shape), generator=generator, device=device)
+        elif tuple(noise.shape) != (batch, *shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(batch, *shape)} (batch, latent).")
         guided = _Guided(network, labels, mask, self.guidance_scale, self.null_class)
         steps = self.loop.num_inference_steps
         with tqdm(total=steps, desc="latent sampling", disable=not self.progress, leave=False) as bar:
-            return self.loop.denoise(None, guided, torch.stack(noise), generator=generator, progress_bar=bar)
+            return self.loop.denoise(None, guided, noise.to(device), generator=generator, progress_bar=bar)
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, class_labels: Any = None) -> torch.Tensor:
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        class_labels: Any = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Images (B, image channels, *inputs spatial) for the masks ``inputs`` and the modality (``class_labels``:
-        names or ids per case, or None for the sampler's ``modality``); with the inputs' metadata."""
+        names or ids per case, or None for the sampler's ``modality``); with the inputs' metadata. ``noise`` and
+        ``generator``: as for :meth:`sample_latents`."""
         was_training = network.training
         network.eval()
         try:
-            images = self.decode(self.sample_latents(inputs, network, class_labels)).float()
+            images = self.decode(self.sample_latents(inputs, network, class_labels, noise, generator)).float()
         finally:
             network.train(was_training)
         images = images.to(inputs.device)

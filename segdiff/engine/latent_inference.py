@@ -11,10 +11,10 @@ inputs go through the sampler in chunks of ``batch_size``; the output carries th
 name), so ``SaveSamplesd`` writes it on the mask's grid.
 
 Seeding: each case restarts from ``seed`` (a case's image does not depend on the other cases) and its slices get
-DIFFERENT noise, drawn in order from a generator seeded so. The wrapped sampler reseeds its own generator for every
-batch element (one noise for all slices), so it is built with ``seed`` None and the wrapper seeds torch's generators
-inside ``torch.random.fork_rng`` (the global random state is restored afterwards). For the deterministic samplers
-(ddim, dpm_solver, euler) the images do not depend on ``batch_size``; ddpm draws step noise in chunk order.
+DIFFERENT noise: the noise of all of a case's slices is drawn at once from a generator seeded so, and each chunk of
+``batch_size`` is given its part (the wrapped sampler, built with ``seed`` None, takes ``noise`` and ``generator``);
+torch's global random state is not touched. For the deterministic samplers (ddim, dpm_solver, euler) the images do not
+depend on ``batch_size``; ddpm draws its step noise from the same generator in chunk order.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ class LatentGridSampler:
             raise ConfigKeyError(f"'spatial_dims' must be 2 or 3, got {spatial_dims}.")
         if getattr(sampler, "seed", None) is not None:
             raise ConfigKeyError(
-                "LatentGridSampler seeds every case itself: build its LatentDiffusionSampler with seed None (which "
-                "would give every slice of a volume the same noise) and give the seed to LatentGridSampler."
+                "LatentGridSampler seeds every case itself: build its LatentDiffusionSampler with seed None and give "
+                "the seed to LatentGridSampler (one seed, in one place)."
             )
         if getattr(sampler, "spatial_dims", spatial_dims) != spatial_dims:
             raise ConfigKeyError(
@@ -172,26 +172,28 @@ class LatentGridSampler:
     def _sample_case(self, units: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         case_size = units.shape[2:]
         masks = self._to_model(units.float(), self.model_size(case_size))
+        device = next(network.parameters()).device
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(self.seed))  # each case from the seed
+        # all of a case's noise at once, so that chunking (a memory setting) cannot change the images
+        shape = (masks.shape[0], *self.sampler.latent_shape(masks.shape[2:]))
+        noise = torch.randn(shape, generator=generator, device=device)
         images = []
         for lo in range(0, masks.shape[0], self.batch_size):
-            images.append(self.sampler(masks[lo : lo + self.batch_size], network, class_labels=self.class_labels))
+            hi = lo + self.batch_size
+            images.append(self.sampler(masks[lo:hi], network, class_labels=self.class_labels, noise=noise[lo:hi],
+                                       generator=generator))
         return self._to_case(torch.cat([convert_to_tensor(i, track_meta=False) for i in images]).float(), case_size)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         """Images ``(B, image_channels, *spatial)`` for one-hot masks ``inputs`` ``(B, num_classes, *spatial)``, with
         the inputs' metadata."""
-        device = next(network.parameters()).device
-        devices = [device.index or 0] if device.type == "cuda" else []
         outputs = []
         for case in inputs:
             case = convert_to_tensor(case, track_meta=False)
             units = to_network_units(case, self.spatial_dims, self.slice_axis)
-            if self.seed is None:
-                images = self._sample_case(units, network)
-            else:
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(int(self.seed))  # each case from the seed: independent of the others
-                    images = self._sample_case(units, network)
+            images = self._sample_case(units, network)
             outputs.append(from_network_units(images, case.ndim, self.spatial_dims, self.slice_axis))
         result = torch.stack(outputs).to(inputs.device)
         if isinstance(inputs, MetaTensor):
