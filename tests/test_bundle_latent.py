@@ -89,10 +89,10 @@ def workflow(config, **overrides):
                           logging_file=str(folder / "logging.conf"), workflow_type="train", **overrides)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The three training stages in order (1, 2 and 1 epochs), stage 3 kept in process to inspect its networks."""
-    root = tmp_path_factory.mktemp("latent")
+def train_stages(root):
+    """The three training stages in order (1, 2 and 1 epochs) on :func:`write_ct_mr_set`'s data under ``root``, the
+    bundle under ``root / "bundle"``; returns ``(paths, before, stage3)``: the ``dataset_dir`` and ``bundle_root``
+    overrides, stages 1 and 2's weights as written, and stage 3's finalised workflow (its networks kept to inspect)."""
     data = write_ct_mr_set(root / "data")
     paths = {"dataset_dir": str(data), "bundle_root": str(root / "bundle")}
     run_bundle(BUNDLE, ["train_autoencoder.yaml"], run_id="training", max_epochs=1, **paths, **COMMON, **AUTOENCODER)
@@ -104,7 +104,14 @@ def trained(tmp_path_factory):
     stage3.initialize()
     stage3.run()
     stage3.finalize()
-    return root, paths, before, stage3
+    return paths, before, stage3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """:func:`train_stages` once for the module: ``(root, paths, before, stage3)``."""
+    root = tmp_path_factory.mktemp("latent")
+    return (root, *train_stages(root))
 
 
 def test_each_stage_writes_its_weights_and_record(trained):
@@ -221,15 +228,25 @@ def test_training_refuses_an_image_grid_the_networks_cannot_halve_before_any_wor
         check_model_grid([18, 16], [8, 8], [8, 8])
 
 
+def stage_overrides(config, paths, output_dir):
+    """The tiny settings of ``config`` (a stage or inference.yaml) for :func:`train_stages`'s ``paths``, writing
+    under ``output_dir`` and allowed to replace an earlier run's files."""
+    settings = {**paths, "output_dir": str(output_dir), **COMMON, "overwrite": True}
+    if config == "train_autoencoder.yaml":
+        return {**settings, **AUTOENCODER}
+    settings = {**settings, **LATENT, **CONTROLNET}
+    if config == "inference.yaml":
+        settings = {**settings, **INFERENCE}
+        for key in ("slices_per_volume", "val_interval", "target_modality", "target_mix_ratio"):
+            settings.pop(key)
+    return settings
+
+
 @pytest.mark.parametrize("config, workflow_type", [("train_diffusion.yaml", "train"),
                                                     ("train_controlnet.yaml", "train"), ("inference.yaml", "infer")])
 def test_check_properties_empty_for_each_stage(trained, tmp_path, config, workflow_type):
     _, paths, _, _ = trained
-    settings = {**paths, "output_dir": str(tmp_path), **COMMON, **LATENT, **CONTROLNET, "overwrite": True}
-    if workflow_type == "infer":
-        settings = {**settings, **INFERENCE}
-        for key in ("slices_per_volume", "val_interval", "target_modality", "target_mix_ratio"):
-            settings.pop(key)
+    settings = stage_overrides(config, paths, tmp_path)
     assert workflow_missing_properties(BUNDLE, [config], workflow_type, **settings) == []
 
 

@@ -1,15 +1,18 @@
 """Every bundle passes the MONAI model-zoo checks: metadata valid against configs/metadata_schema.json (offline, with
 ``python -m monai.bundle verify_metadata``) and true to ``network_def``; ``check_properties()`` empty for every train
 and inference workflow; ``verify_net_in_out`` with ``timesteps``; the directory conventions; and an export of
-``network_def`` (torch.export) that loads and matches the eager network."""
+``network_def`` (torch.export) that loads and matches the eager network. The latent bundle's network takes more than
+``(image, timesteps)`` on latents: its metadata is checked against its own networks (the latent section)."""
 
 from __future__ import annotations
 
 import copy
 import importlib.metadata
+import inspect
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,9 +25,16 @@ from packaging.requirements import Requirement
 
 import segdiff
 from segdiff.cli import main
+from segdiff.engine import ControlNetDiffusion, empty_mask
+from segdiff.engine.latent import latent_geometry
 from segdiff.export import load_bundle_network, load_exported
+from segdiff.transforms import MASK_VALUE_RANGES
 
-BUNDLE_NAMES = ("mask_to_image", "image_to_mask")
+BUNDLE_NAMES = ("mask_to_image", "image_to_mask", "latent_mask_to_image")
+#: the bundles whose network_def is network(image, timesteps) on the image grid (the latent bundle's is checked in its
+#: own section: ControlNetDiffusion on latents, also given class_labels and controlnet_cond)
+PIXEL_BUNDLES = ("mask_to_image", "image_to_mask")
+LATENT_BUNDLE = "latent_mask_to_image"
 SCHEMA = REPO / "configs" / "metadata_schema.json"
 #: the documented command, run from a bundle folder
 VERIFY_METADATA = ["-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
@@ -34,8 +44,21 @@ MODEL_ZOO_SECTIONS = (
 )
 MAX_FILE_BYTES = 25 * 1024 * 1024
 
-#: every workflow a bundle's configs make: configs merged in order -> workflow type. Base train.yaml and
-#: inference.yaml are checked with ``missing_properties``, the overlays here.
+#: every bundle's base configs -> workflow type (the pixel bundles' are checked with ``missing_properties``, the
+#: latent bundle's stages on its trained tiny models)
+BASE_WORKFLOWS = {
+    "mask_to_image": {"train.yaml": "train", "inference.yaml": "infer"},
+    "image_to_mask": {"train.yaml": "train", "inference.yaml": "infer"},
+    "latent_mask_to_image": {"train_autoencoder.yaml": "train", "train_diffusion.yaml": "train",
+                             "train_controlnet.yaml": "train", "inference.yaml": "infer"},
+}
+#: the weight files a bundle's workflows write into models/ (which git must ignore)
+WEIGHT_FILES = {
+    "mask_to_image": ("model.pt",),
+    "image_to_mask": ("model.pt",),
+    "latent_mask_to_image": ("autoencoder.pt", "diffusion.pt", "controlnet.pt"),
+}
+#: every further workflow a bundle's configs make: configs merged in order -> workflow type
 OVERLAY_WORKFLOWS = {
     "mask_to_image": {
         ("train.yaml", "multi_gpu_train.yaml"): "train",
@@ -47,6 +70,7 @@ OVERLAY_WORKFLOWS = {
         ("train.yaml", "train_baseline.yaml"): "train",
         ("inference.yaml", "inference_baseline.yaml"): "infer",
     },
+    "latent_mask_to_image": {},
 }
 #: configs that are not train or inference workflows, and why
 NOT_WORKFLOWS = {
@@ -190,7 +214,7 @@ def test_version_fields_name_installed_packages_the_package_supports(bundle):
 
 
 @pytest.mark.parametrize("config", ["train.yaml", "inference.yaml"])
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", PIXEL_BUNDLES)  # network(image, timesteps); the latent bundle: its own section
 def test_network_data_format_describes_the_default_network_def(bundle, config):
     network, parser = load_bundle_network(str(BUNDLES / bundle / "configs" / config))
     data_format = metadata(bundle)["network_data_format"]
@@ -209,7 +233,7 @@ def test_network_data_format_describes_the_default_network_def(bundle, config):
     assert timesteps["value_range"] == [0, parser.get_parsed_content("num_train_timesteps") - 1]
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", PIXEL_BUNDLES)  # network(image, timesteps); the latent bundle: its own section
 def test_verify_net_in_out_passes_for_the_default_network_def_with_timesteps(bundle):
     from monai.bundle import verify_net_in_out
 
@@ -238,7 +262,7 @@ def test_verify_net_in_out_catches_metadata_that_misstates_the_output_channels()
         )
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", PIXEL_BUNDLES)  # network(image, timesteps); the latent bundle: its own section
 def test_default_network_output_has_the_declared_shape_and_dtype(bundle):
     network, _ = load_bundle_network(str(BUNDLES / bundle / "configs" / "inference.yaml"))
     image, pred = (metadata(bundle)["network_data_format"][k][n] for k, n in (("inputs", "image"), ("outputs", "pred")))
@@ -247,6 +271,117 @@ def test_default_network_output_has_the_declared_shape_and_dtype(bundle):
         y = network(x, timesteps=torch.tensor([500]))
     assert tuple(y.shape) == (1, pred["num_channels"], *pred["spatial_shape"])
     assert y.dtype == getattr(torch, pred["dtype"])
+
+
+# ---------------------------------------------------------------------------------------- the latent bundle's network
+#: inference.yaml reads the modalities from the trained UNet's record and the stages from the datalist; a two-modality
+#: stand-in (it sizes the class embeddings) lets the networks be built without either
+LATENT_MODALITIES = {"modalities": {"ct": 0, "mr": 1}}
+#: the settings every latent config that has them must default to alike (the records refuse weights trained otherwise)
+LATENT_SHARED_SETTINGS = ("spatial_dims", "image_size", "roi_size", "image_channels", "latent_channels", "num_classes",
+                          "num_train_timesteps", "prediction_type", "diffusion", "noise_schedule",
+                          "conditioning_channels")
+#: network_data_format's output format for each prediction_type
+PREDICTION_FORMATS = {"v_prediction": "velocity", "epsilon": "noise", "sample": "sample"}
+
+
+def latent_config(name: str) -> str:
+    return str(BUNDLES / LATENT_BUNDLE / "configs" / name)
+
+
+def latent_tensors() -> tuple[dict, dict]:
+    data_format = metadata(LATENT_BUNDLE)["network_data_format"]
+    return data_format["inputs"], data_format["outputs"]
+
+
+def test_latent_network_data_format_describes_the_inference_network():
+    """inference.yaml's network_def is ControlNetDiffusion (UNet + ControlNet) on latents: the metadata's 'image' is the
+    noisy latent x, then timesteps, the modality (class_labels) and the one-hot mask at image resolution."""
+    network, parser = load_bundle_network(latent_config("inference.yaml"), overrides=LATENT_MODALITIES)
+    assert isinstance(network, ControlNetDiffusion)
+    inputs, outputs = latent_tensors()
+    arguments = list(inspect.signature(network.forward).parameters)
+    assert list(inputs) == ["image", *arguments[1:]] and list(outputs)[0] == "pred"  # forward's order, image = x
+    latent, timesteps, modality, mask = (inputs[k] for k in ("image", "timesteps", "class_labels", "controlnet_cond"))
+    pred = outputs["pred"]
+    spatial_dims, latent_channels, downsample = latent_geometry(parser.get_parsed_content("autoencoder_def"))
+    assert latent["num_channels"] == network.unet.in_channels == latent_channels
+    assert pred["num_channels"] == network.unet.out_channels == latent_channels
+    image_size = parser.get_parsed_content("image_size")
+    assert len(image_size) == spatial_dims == parser.get_parsed_content("spatial_dims")
+    assert latent["spatial_shape"] == pred["spatial_shape"] == [s // downsample for s in image_size]
+    # the mask: num_classes one-hot channels on the image grid, brought to the latent grid by the ControlNet's embedding
+    embedding = network.controlnet.controlnet_cond_embedding.conv_in
+    assert mask["num_channels"] == parser.get_parsed_content("num_classes") == embedding.in_channels
+    assert mask["spatial_shape"] == image_size and network.cond_downsample == downsample
+    assert mask["value_range"] == list(MASK_VALUE_RANGES["condition"])
+    for tensor in (latent, pred, mask):
+        assert sorted(tensor["channel_def"], key=int) == [str(c) for c in range(tensor["num_channels"])]
+    for per_item in (timesteps, modality):  # one integer per batch item
+        assert per_item["num_channels"] == 0 and per_item["spatial_shape"] == [] and per_item["dtype"] == "int64"
+    assert timesteps["value_range"] == [0, parser.get_parsed_content("num_train_timesteps") - 1]
+    assert pred["format"] == PREDICTION_FORMATS[parser.get_parsed_content("prediction_type")]
+
+
+@pytest.mark.parametrize(
+    "config, net_id, inference_id",
+    [("train_autoencoder.yaml", "network_def", "autoencoder_def"), ("train_diffusion.yaml", "network_def", "unet_def"),
+     ("train_controlnet.yaml", "unet_def", "unet_def"), ("train_controlnet.yaml", "network_def", "controlnet_def")],
+)
+def test_latent_stages_default_to_the_networks_and_settings_inference_describes(config, net_id, inference_id):
+    trained, stage = load_bundle_network(latent_config(config), net_id=net_id, overrides=LATENT_MODALITIES)
+    used, inference = load_bundle_network(latent_config("inference.yaml"), net_id=inference_id,
+                                          overrides=LATENT_MODALITIES)
+    shapes = [{k: tuple(v.shape) for k, v in n.state_dict().items()} for n in (trained, used)]
+    assert shapes[0] == shapes[1]
+    for key in LATENT_SHARED_SETTINGS:
+        if key in stage:
+            assert stage.get_parsed_content(key) == inference.get_parsed_content(key), (config, key)
+
+
+def latent_forward_args(batch: int = 1) -> dict:
+    """timesteps, class_labels and an empty mask of the declared shape (controlnet_cond), for ``batch`` items."""
+    inputs, _ = latent_tensors()
+    mask = inputs["controlnet_cond"]
+    return {"timesteps": torch.full((batch,), 999), "class_labels": torch.ones(batch, dtype=torch.long),
+            "controlnet_cond": empty_mask(mask["num_channels"], mask["spatial_shape"], batch=batch)}
+
+
+def test_verify_net_in_out_passes_for_the_latent_inference_network():
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=latent_config("metadata.json"),
+        config_file=latent_config("inference.yaml"),
+        device="cpu",
+        extra_forward_args=latent_forward_args(),
+        **LATENT_MODALITIES,
+    )
+
+
+def test_latent_inference_network_output_has_the_declared_shape_and_dtype():
+    network, _ = load_bundle_network(latent_config("inference.yaml"), overrides=LATENT_MODALITIES)
+    inputs, outputs = latent_tensors()
+    image, pred = inputs["image"], outputs["pred"]
+    x = torch.randn(2, image["num_channels"], *image["spatial_shape"], dtype=getattr(torch, image["dtype"]))
+    with torch.no_grad():
+        y = network(x, **latent_forward_args(batch=2))
+    assert tuple(y.shape) == (2, pred["num_channels"], *pred["spatial_shape"])
+    assert y.dtype == getattr(torch, pred["dtype"])
+
+
+def test_latent_inference_turns_a_mask_of_the_declared_shape_into_an_image_on_its_grid():
+    """What inference.yaml does with the network: a one-hot mask as controlnet_cond describes it -> an image with
+    image_channels channels on the mask's grid (one denoising step of the default, untrained models)."""
+    overrides = {**LATENT_MODALITIES, "scale_factor": 1.0, "num_inference_steps": 1, "progress": False,
+                 "device": "$torch.device('cpu')"}
+    network, parser = load_bundle_network(latent_config("inference.yaml"), overrides=overrides)
+    mask = latent_tensors()[0]["controlnet_cond"]
+    masks = empty_mask(mask["num_channels"], mask["spatial_shape"], batch=1)
+    images = parser.get_parsed_content("latent_sampler")(masks, network)
+    assert tuple(images.shape) == (1, parser.get_parsed_content("image_channels"), *mask["spatial_shape"])
+    assert torch.isfinite(images).all()
 
 
 # ------------------------------------------------------------------------------------------------ properties
@@ -272,12 +407,34 @@ def write_weights(bundle: str, configs, overrides: dict) -> str:
     return path
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", PIXEL_BUNDLES)  # train.yaml + inference.yaml; the latent stages: see below
 def test_check_properties_empty_for_train_and_inference(tmp_path, bundle):
     overrides = tiny_overrides(tmp_path)
     write_weights(bundle, ["inference.yaml"], overrides)
     # overwrite: training's run-folder check would (rightly) refuse the weights written for inference in the same folder
     assert missing_properties(bundle, overwrite=True, **overrides) == {"train.yaml": [], "inference.yaml": []}
+
+
+@pytest.fixture(scope="module")
+def latent_trained(tmp_path_factory):
+    """The latent bundle's three stages trained on tiny models and its two-modality set (tests/test_bundle_latent.py):
+    ``(root, paths)``; a later stage and inference need the earlier stages' weights and records."""
+    from test_bundle_latent import train_stages
+
+    root = tmp_path_factory.mktemp("latent")
+    paths, _, _ = train_stages(root)
+    return root, paths
+
+
+@pytest.mark.parametrize("config, workflow_type", list(BASE_WORKFLOWS[LATENT_BUNDLE].items()))
+def test_check_properties_empty_for_latent_workflows(latent_trained, tmp_path, config, workflow_type):
+    from test_bundle_latent import stage_overrides
+
+    root, paths = latent_trained
+    shutil.copytree(root / "bundle" / "models", tmp_path / "bundle" / "models")  # overwrite may not touch the others'
+    paths = {**paths, "bundle_root": str(tmp_path / "bundle")}
+    overrides = stage_overrides(config, paths, tmp_path / "outputs")
+    assert workflow_missing_properties(LATENT_BUNDLE, [config], workflow_type, **overrides) == []
 
 
 def free_port() -> int:
@@ -311,7 +468,7 @@ def test_check_properties_empty_for_overlay_workflows(tmp_path, monkeypatch, bun
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_every_config_is_a_checked_workflow_or_named_as_none(bundle):
-    checked = {"train.yaml", "inference.yaml"} | {c for configs in OVERLAY_WORKFLOWS[bundle] for c in configs}
+    checked = set(BASE_WORKFLOWS[bundle]) | {c for configs in OVERLAY_WORKFLOWS[bundle] for c in configs}
     configs = {p.name for p in (BUNDLES / bundle / "configs").glob("*.yaml")}
     assert configs - checked - set(NOT_WORKFLOWS) == set()
 
@@ -329,8 +486,8 @@ def committable_files(folder):
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_bundle_has_the_model_zoo_files(bundle):
     root = BUNDLES / bundle
-    for name in ("LICENSE", "docs/README.md", "configs/metadata.json", "configs/train.yaml", "configs/inference.yaml",
-                 "configs/logging.conf"):
+    configs = [f"configs/{c}" for c in BASE_WORKFLOWS[bundle]]
+    for name in ("LICENSE", "docs/README.md", "configs/metadata.json", *configs, "configs/logging.conf"):
         assert (root / name).is_file(), name
     assert "Apache License" in (root / "LICENSE").read_text()
 
@@ -342,12 +499,25 @@ def test_docs_have_the_model_zoo_sections(bundle):
     assert missing == [], f"docs/README.md of {bundle} lacks ## {missing}; has {headings}"
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
-def test_docs_commands_show_how_to_verify_and_export(bundle):
+def docs_section(bundle: str, heading: str) -> str:
     text = (BUNDLES / bundle / "docs" / "README.md").read_text()
-    commands = text.split("\n## Commands", 1)[1].split("\n## ", 1)[0]
-    assert " ".join(VERIFY_METADATA[1:]) in commands
+    return text.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_docs_commands_show_how_to_verify_the_metadata(bundle):
+    assert " ".join(VERIFY_METADATA[1:]) in docs_section(bundle, "Commands")
+
+
+@pytest.mark.parametrize("bundle", PIXEL_BUNDLES)  # export-network exports network(image, timesteps) only
+def test_docs_commands_show_how_to_export(bundle):
+    commands = docs_section(bundle, "Commands")
     assert "segdiff export-network" in commands and "torch.export.load(" in commands
+
+
+def test_latent_docs_say_export_network_does_not_cover_its_network():
+    limitations = docs_section(LATENT_BUNDLE, "Limitations")
+    assert "export-network" in limitations and "controlnet_cond" in limitations and "class_labels" in limitations
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
@@ -362,8 +532,9 @@ def test_no_committed_file_is_over_25_mb(bundle):
 def test_no_weights_are_committed_in_models(bundle):
     models = BUNDLES / bundle / "models"
     assert [f.name for f in committable_files(models)] == [".gitkeep"]
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(models / "model.pt")], cwd=REPO)
-    assert ignored.returncode == 0  # trained weights stay out of git
+    for name in WEIGHT_FILES[bundle]:
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(models / name)], cwd=REPO)
+        assert ignored.returncode == 0, name  # trained weights stay out of git
 
 
 # ----------------------------------------------------------------------------------------------------- export
