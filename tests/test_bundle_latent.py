@@ -297,6 +297,15 @@ def test_grid_sampler_samples_do_not_depend_on_batch_size():
     torch.testing.assert_close(grid_sampler(autoencoder, image_size=(16, 16), batch_size=3)(volume_masks(), unet), one)
 
 
+def test_grid_sampler_draws_num_samples_different_images_per_mask():
+    autoencoder, unet = tiny_models()
+    three = grid_sampler(autoencoder, image_size=(16, 16), num_samples=3, batch_size=4)(volume_masks(), unet)
+    assert three.shape == (1, 3, 12, 10, 3)
+    assert not torch.allclose(three[:, 0], three[:, 1]) and not torch.allclose(three[:, 1], three[:, 2])
+    again = grid_sampler(autoencoder, image_size=(16, 16), num_samples=3, batch_size=2)(volume_masks(), unet)
+    torch.testing.assert_close(again, three)  # chunking does not change the samples
+
+
 def test_grid_sampler_seeds_ddpm_step_noise_and_leaves_the_global_random_state_alone():
     autoencoder, unet = tiny_models()
     state = torch.random.get_rng_state()

@@ -115,6 +115,9 @@ class LatentGridSampler:
             times the latent UNet's (``2 ** (levels - 1)`` each).
         seed: seed of every case's noise; None: torch's global generator, not reseeded.
         class_labels: the modality per call (a name or id) instead of the latent sampler's ``modality``; None: its own.
+        num_samples: images per mask, each from its own noise (all of a case's noise, every sample's slices, is drawn
+            at once); the output's channels are sample-major, as :class:`segdiff.engine.ConditionalDiffusionSampler`
+            orders them: ``[k * C, (k + 1) * C)`` hold sample ``k``.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class LatentGridSampler:
         size_divisor: int = 1,
         seed: int | None = 0,
         class_labels: Any = None,
+        num_samples: int = 1,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ConfigKeyError(f"'spatial_dims' must be 2 or 3, got {spatial_dims}.")
@@ -144,6 +148,8 @@ class LatentGridSampler:
             raise ConfigKeyError(f"'image_size' {list(image_size)} must have {spatial_dims} entries.")
         if int(batch_size) < 1:
             raise ConfigKeyError(f"'batch_size' must be >= 1, got {batch_size}.")
+        if int(num_samples) < 1:
+            raise ConfigKeyError(f"'num_samples' must be >= 1, got {num_samples}.")
         self.sampler = sampler
         self.spatial_dims = int(spatial_dims)
         self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
@@ -152,6 +158,7 @@ class LatentGridSampler:
         self.size_divisor = max(int(size_divisor), 1)
         self.seed = seed
         self.class_labels = class_labels
+        self.num_samples = int(num_samples)
 
     def model_size(self, case_size: Sequence[int]) -> tuple[int, ...]:
         """The grid the networks run on for a slice or volume of ``case_size``."""
@@ -187,14 +194,19 @@ class LatentGridSampler:
         return self._to_case(torch.cat([convert_to_tensor(i, track_meta=False) for i in images]).float(), case_size)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
-        """Images ``(B, image_channels, *spatial)`` for one-hot masks ``inputs`` ``(B, num_classes, *spatial)``, with
-        the inputs' metadata."""
+        """Images ``(B, num_samples * image_channels, *spatial)`` for one-hot masks ``inputs``
+        ``(B, num_classes, *spatial)``, with the inputs' metadata."""
         outputs = []
         for case in inputs:
             case = convert_to_tensor(case, track_meta=False)
             units = to_network_units(case, self.spatial_dims, self.slice_axis)
-            images = self._sample_case(units, network)
-            outputs.append(from_network_units(images, case.ndim, self.spatial_dims, self.slice_axis))
+            count = units.shape[0]
+            # sample-major: sample k's slices (or volume) are units [k * count, (k + 1) * count)
+            images = self._sample_case(units.repeat(self.num_samples, *[1] * (units.ndim - 1)), network)
+            samples = [images[k * count : (k + 1) * count] for k in range(self.num_samples)]
+            outputs.append(torch.cat(
+                [from_network_units(sample, case.ndim, self.spatial_dims, self.slice_axis) for sample in samples]
+            ))
         result = torch.stack(outputs).to(inputs.device)
         if isinstance(inputs, MetaTensor):
             result = MetaTensor(result, meta=inputs.meta, applied_operations=inputs.applied_operations)

@@ -10,9 +10,12 @@
 - :mod:`~segdiff.synthesis.generate`: image/mask pairs (joint model) or masks (mask generator) drawn from noise,
   filtered and written like the pairs above;
 - :mod:`~segdiff.synthesis.plausibility`: whether a generated mask looks like the training masks (volumes,
-  connected components, body).
+  connected components, body);
+- :mod:`~segdiff.synthesis.latent_generator`: the latent_mask_to_image bundle's sampler as the synthesizer's generator
+  (source-modality masks -> target-modality images).
 
-``bundles/mask_to_image/configs/synthesize.yaml`` wires them to the bundle's model and sampler.
+``bundles/mask_to_image/configs/synthesize.yaml`` wires them to the bundle's model and sampler,
+``bundles/latent_mask_to_image/configs/synthesize.yaml`` to the latent bundle's.
 """
 
 from segdiff.synthesis.filter import (
@@ -38,6 +41,7 @@ from segdiff.synthesis.judges import (
     build_judge,
     load_weights,
 )
+from segdiff.synthesis.latent_generator import LatentGenerator, source_mask_entries
 from segdiff.synthesis.plausibility import ClassStatistics, MaskStatistics, PlausibilityFilter
 from segdiff.synthesis.records import SynthesisRecords, file_digest, pair_names
 from segdiff.synthesis.shard import process_shard, shard_of
@@ -65,6 +69,7 @@ __all__ = [
     "DiffusionEnsembleJudge",
     "DiffusionGenerator",
     "FilterCriteria",
+    "LatentGenerator",
     "RandMaskDeform",
     "RandMaskDeformd",
     "SampleSynthesizer",
@@ -87,5 +92,6 @@ __all__ = [
     "reference_grid",
     "select_tries",
     "shard_of",
+    "source_mask_entries",
     "split_joint_sample",
 ]

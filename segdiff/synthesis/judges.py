@@ -53,6 +53,7 @@ class SegmenterJudge:
         device: where it runs.
         record: the :class:`segdiff.engine.ModelRecord` the weights must match (evaluate.yaml writes
             ``models/segmenter.json`` beside them); checked before any work.
+        missing_hint: what the error says to do when ``weights`` is missing (None: mask_to_image's evaluate.yaml).
     """
 
     kind = "unet"
@@ -67,12 +68,14 @@ class SegmenterJudge:
         batch_size: int = 32,
         device: torch.device | str | None = None,
         record: Any = None,
+        missing_hint: str | None = None,
     ) -> None:
         require_file(
             weights,
             "judge weights",
-            "run configs/evaluate.yaml once (it trains models/segmenter.pt on the real training split) "
-            "or set judge_path",
+            missing_hint
+            or "run configs/evaluate.yaml once (it trains models/segmenter.pt on the real training split) or set "
+            "judge_path",
         )
         self.weights = str(weights)
         if record is not None:
@@ -162,17 +165,20 @@ def build_judge(
     batch_size: int = 32,
     device: torch.device | str | None = None,
     record: Any = None,
+    missing_hint: str | None = None,
 ) -> SegmenterJudge | DiffusionEnsembleJudge:
     """The judge named by ``judge`` (one of :data:`JUDGES`).
 
     ``unet`` uses ``network`` with ``weights`` (checked against ``record``); ``image_to_mask`` reads the bundle at ``bundle_dir`` with
     ``overrides``, defaulting its ``num_classes``, ``image_channels``, ``spatial_dims``, ``image_size`` and
-    ``slice_axis`` to the generator's (the same data), so only what differs needs overriding.
+    ``slice_axis`` to the generator's (the same data), so only what differs needs overriding. ``missing_hint``: for
+    ``unet``, what to do when ``weights`` is missing (see :class:`SegmenterJudge`).
     """
     if judge not in JUDGES:
         raise ValueError(f"judge must be one of {JUDGES}, got {judge!r}.")
     if judge == "unet":
-        return SegmenterJudge(network, weights, spatial_dims, image_size, slice_axis, batch_size, device, record)
+        return SegmenterJudge(network, weights, spatial_dims, image_size, slice_axis, batch_size, device, record,
+                              missing_hint)
     shared = {
         "num_classes": num_classes,
         "image_channels": image_channels,
