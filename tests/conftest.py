@@ -66,3 +66,14 @@ def loaded_label(tmp_path, write_nifti):
     data = (np.arange(120) % 3).reshape(6, 5, 4).astype(np.uint8)
     path = write_nifti(tmp_path / "masks" / "case7.nii.gz", data)
     return LoadImage(image_only=True, ensure_channel_first=True)(path)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny networks run fastest on one thread: with two threads on a busy 2-core machine the first forward passes
+    of a new shape took 5-10 s each (measured), with one thread 0.1 s. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,12 +32,7 @@ MU, S = 0.3, 0.2
 LINEAR = dict(num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=0.02)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 class GaussianOracle(torch.nn.Module):

@@ -37,14 +37,7 @@ from segdiff.transforms import EncodeMask, SaveSamplesd
 from segdiff.visualize import LABEL_COLOURS, UNSPECIFIED_COLOUR, make_panel, render, save_png
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny networks run fastest on one thread: with two threads on a busy 2-core machine the first forward passes
-    of a new shape took 5-10 s each (measured), with one thread 0.1 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 class SpyNetwork(torch.nn.Module):

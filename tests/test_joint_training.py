@@ -22,13 +22,7 @@ MASK_GENERATOR = ["train.yaml", "train_mask_generator.yaml"]
 NUM_CLASSES = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny networks run fastest on one thread (as in test_engine.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def settings(data_root, bundle_root, **extra) -> dict:
