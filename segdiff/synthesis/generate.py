@@ -30,6 +30,7 @@ from monai.transforms import LoadImage, Resize, SpatialCrop
 from tqdm.auto import tqdm
 
 from segdiff.data.inputs import require_file
+from segdiff.evaluation.report import foreground_names
 from segdiff.synthesis.filter import FilterCriteria, pair_scores
 from segdiff.synthesis.judges import load_weights
 from segdiff.synthesis.records import SynthesisRecords, file_digest, pair_names
@@ -78,7 +79,7 @@ def reference_grid(path: str, spatial_dims: int, slice_axis: int = 2) -> MetaTen
         end = list(grid.shape[1:])
         start[slice_axis], end[slice_axis] = middle, middle + 1
         grid = SpatialCrop(roi_start=start, roi_end=end)(grid)
-    elif grid.ndim - 1 != spatial_dims and not (spatial_dims == 2 and grid.ndim == 3):
+    elif grid.ndim - 1 != spatial_dims:
         raise ValueError(f"{path}: a {grid.ndim - 1}D file cannot be the reference grid of a {spatial_dims}D model.")
     return MetaTensor(torch.zeros(grid.shape), meta=copy.deepcopy(grid.meta))
 
@@ -218,11 +219,7 @@ class SampleSynthesizer:
         self.cases = generated_case_names(num_cases)
         self.reference, self.num_classes = reference, int(num_classes)
         self.max_tries, self.seed, self.progress = int(max_tries_per_case), int(seed), progress
-        self.class_names = list(class_names or [f"class_{c}" for c in range(1, self.num_classes)])
-        if len(self.class_names) != self.num_classes - 1:
-            raise ValueError(
-                f"class_names has {len(self.class_names)} names; {self.num_classes - 1} foreground classes expected."
-            )
+        self.class_names = foreground_names(class_names, self.num_classes)
         full = {**dict(settings or {}), "seed": self.seed, "max_tries_per_case": self.max_tries}
         for name, part in (("generator", generator), ("judge", judge), ("mask_filter", mask_filter)):
             if hasattr(part, "describe"):

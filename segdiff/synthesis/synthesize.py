@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from segdiff.data.checks import check_output_names
 from segdiff.data.inputs import require_file
+from segdiff.evaluation.report import foreground_names
 from segdiff.synthesis.filter import (
     FilterCriteria,
     candidates_to_keep,
@@ -183,11 +184,7 @@ class Synthesizer:
         self.samples_per_mask, self.max_tries = int(samples_per_mask), int(max_tries_per_mask)
         self.seed, self.stop_early, self.progress = int(seed), bool(stop_early), progress
         num_classes = criteria.num_classes
-        self.class_names = list(class_names or [f"class_{c}" for c in range(1, num_classes)])
-        if len(self.class_names) != num_classes - 1:
-            raise ValueError(
-                f"class_names has {len(self.class_names)} names; {num_classes - 1} foreground classes expected."
-            )
+        self.class_names = foreground_names(class_names, num_classes)
         full_settings = dict(settings or {})
         for name, part in (("generator", generator), ("judge", judge)):
             if hasattr(part, "describe"):
