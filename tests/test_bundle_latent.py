@@ -358,3 +358,9 @@ def test_grid_sampler_runs_a_3d_model_on_whole_volumes_resized_or_padded():
     resized = LatentGridSampler(inner, spatial_dims=3, image_size=(8, 8, 8))(masks, unet)
     assert padded.shape == resized.shape == (1, 1, 6, 8, 7)
     assert set(seen) == {(4, 4, 4)} and torch.isfinite(padded).all() and torch.isfinite(resized).all()
+
+
+def test_the_autoencoder_stage_checks_its_grid_alone():
+    check_model_grid([12, 8], [8, 8, 8])  # two halvings: multiples of 4
+    with pytest.raises(ConfigKeyError, match=r"multiple of 4 \(the autoencoder halves it 2 time\(s\).*found \[6\]"):
+        check_model_grid([6, 8], [8, 8, 8], None, "roi_size")

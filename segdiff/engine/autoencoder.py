@@ -49,7 +49,6 @@ __all__ = [
     "ReconstructionMetricsHandler",
     "ReconstructionPrepareBatch",
     "build_perceptual_loss",
-    "check_image_size",
     "check_perceptual_weights",
     "image_entries",
     "kl_divergence",
@@ -404,18 +403,6 @@ def image_entries(
 def modalities_of(entries: Sequence[Mapping[str, Any]], modality_key: str = "modality") -> list[str]:
     """The sorted distinct modality names of ``entries``."""
     return sorted({str(entry[modality_key]) for entry in entries if modality_key in entry})
-
-
-def check_image_size(size: Sequence[int], channels: Sequence[int], key: str = "image_size") -> None:
-    """Refuse sizes the autoencoder cannot encode and decode back to the same shape: ``AutoencoderKL`` halves every
-    axis once per level after the first, so each axis must be a multiple of ``2 ** (len(channels) - 1)``."""
-    factor = 2 ** (len(channels) - 1)
-    bad = [int(s) for s in size if int(s) % factor]
-    if bad:
-        raise ConfigKeyError(
-            f"{key} {list(size)}: every axis must be a multiple of {factor} (the autoencoder halves it "
-            f"{len(channels) - 1} times for network_channels {list(channels)}); found {bad}"
-        )
 
 
 # -- validation: reconstruction quality per modality --------------------------------------------------------------

@@ -58,31 +58,32 @@ def trained_modalities(weights_path: Any) -> dict[str, int]:
     return modality_ids(dict(modalities))
 
 
-def model_grid_divisor(autoencoder_channels: Sequence[int], network_channels: Sequence[int]) -> int:
+def model_grid_divisor(autoencoder_channels: Sequence[int], network_channels: Sequence[int] | None = None) -> int:
     """What every axis of the image grid must be a multiple of: the autoencoder halves it once per level after the
-    first, and the latent UNet (and the ControlNet) halve the latent once per level after the first."""
-    return 2 ** (len(autoencoder_channels) - 1) * 2 ** (len(network_channels) - 1)
+    first, and the latent UNet (and the ControlNet) halve the latent once per level after the first (None: the
+    autoencoder alone, stage 1)."""
+    return 2 ** (len(autoencoder_channels) - 1) * 2 ** (len(network_channels or [0]) - 1)
 
 
 def check_model_grid(
     size: Sequence[int] | None,
     autoencoder_channels: Sequence[int],
-    network_channels: Sequence[int],
+    network_channels: Sequence[int] | None = None,
     key: str = "image_size",
 ) -> None:
-    """Refuse an image grid (``image_size`` or ``roi_size``) the autoencoder and the latent UNet cannot run on, before
-    any data is cached: each axis must be a multiple of :func:`model_grid_divisor`. None (no fixed grid) passes."""
+    """Refuse an image grid (``image_size`` or ``roi_size``) the autoencoder (and the latent UNet, when
+    ``network_channels`` is given) cannot run on, before any data is cached: each axis must be a multiple of
+    :func:`model_grid_divisor`. None (no fixed grid) passes."""
     if size is None:
         return
     factor = model_grid_divisor(autoencoder_channels, network_channels)
     bad = [int(s) for s in size if int(s) % factor]
     if bad:
-        levels_ae, levels_unet = len(autoencoder_channels) - 1, len(network_channels) - 1
-        raise ConfigKeyError(
-            f"{key} {list(size)}: every axis must be a multiple of {factor} (the autoencoder halves it {levels_ae} "
-            f"time(s) for autoencoder_channels {list(autoencoder_channels)}, the latent UNet {levels_unet} more for "
-            f"network_channels {list(network_channels)}); found {bad}."
-        )
+        why = f"the autoencoder halves it {len(autoencoder_channels) - 1} time(s) for autoencoder_channels " \
+              f"{list(autoencoder_channels)}"
+        if network_channels is not None:
+            why += f", the latent UNet {len(network_channels) - 1} more for network_channels {list(network_channels)}"
+        raise ConfigKeyError(f"{key} {list(size)}: every axis must be a multiple of {factor} ({why}); found {bad}.")
 
 
 def _background_pad(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
