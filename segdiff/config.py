@@ -8,7 +8,7 @@ from typing import Any
 
 from segdiff.errors import ConfigKeyError
 
-__all__ = ["at_least", "choice", "renamed_key"]
+__all__ = ["at_least", "between", "choice", "renamed_key"]
 
 
 def renamed_key(old_name: str, old_value: Any, new_name: str, default: Any) -> Any:
@@ -36,4 +36,11 @@ def at_least(key: str, value: Any, minimum: int, why: str = "") -> Any:
     if value is None or value < minimum:
         reason = f" ({why})" if why else ""
         raise ConfigKeyError(f"'{key}' must be at least {minimum}{reason}; got {value!r}.")
+    return value
+
+
+def between(key: str, value: Any, low: float, high: float) -> Any:
+    """``value`` if it is a number in ``[low, high]``, else a refusal naming the key, the value and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigKeyError(f"'{key}' must be a number in [{low}, {high}]; got {value!r}.")
     return value

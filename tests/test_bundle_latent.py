@@ -364,3 +364,11 @@ def test_the_autoencoder_stage_checks_its_grid_alone():
     check_model_grid([12, 8], [8, 8, 8])  # two halvings: multiples of 4
     with pytest.raises(ConfigKeyError, match=r"multiple of 4 \(the autoencoder halves it 2 time\(s\).*found \[6\]"):
         check_model_grid([6, 8], [8, 8, 8], None, "roi_size")
+
+
+def test_a_target_mix_ratio_outside_zero_to_one_is_refused_naming_the_key(trained, tmp_path):
+    _, paths, _, _ = trained
+    paths = {**paths, "bundle_root": str(tmp_path / "bundle")}
+    raises_with("'target_mix_ratio' must be a number in [0.0, 1.0]; got 1.5", run_bundle, BUNDLE,
+                ["train_controlnet.yaml"], run_id="training", max_epochs=1, **paths, **COMMON, **LATENT,
+                target_mix_ratio=1.5)
