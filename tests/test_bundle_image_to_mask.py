@@ -206,6 +206,23 @@ def test_condition_encoder_with_x0_loss_trains_segments_as_ensemble_and_as_encod
     run_bundle(BUNDLE, ["evaluate.yaml"], **evaluate, output_dir=str(encoder_out), report_dir=str(tmp_path / "report"))
     assert json.loads((tmp_path / "report" / "ensemble_evaluation.json").read_text())["fused"]["num_cases"] == 2
 
+    # segmenter both: the 2 diffusion members, then the encoder's softmax as a third member, fused together
+    both_out = root / "segs_both"
+    run_bundle(BUNDLE, ["inference.yaml"], **settings(data, root, output_dir=str(both_out), segmenter="both", num_members=2,
+                                                      num_inference_steps=2, save_probabilities=True, save_members=True,
+                                                      **model))
+    _, _, members = check_outputs(both_out, data, "case4", num_members=3)
+    assert np.array_equal(members[..., 2], labels)  # the last member is the encoder's own segmentation
+    both_prob = nib.load(str(both_out / "case4_prob.nii.gz")).get_fdata()
+    ensemble_only = root / "segs_members"
+    run_bundle(BUNDLE, ["inference.yaml"], **settings(data, root, output_dir=str(ensemble_only), num_members=2,
+                                                      num_inference_steps=2, save_probabilities=True, **model))
+    ensemble_prob = nib.load(str(ensemble_only / "case4_prob.nii.gz")).get_fdata()
+    # the mean over 3 members = (2 * the mean of the 2 diffusion members + the encoder's softmax) / 3 (same seed)
+    np.testing.assert_allclose(both_prob, (2 * ensemble_prob + prob) / 3, atol=1e-4)
+    run_bundle(BUNDLE, ["evaluate.yaml"], **evaluate, output_dir=str(both_out), report_dir=str(tmp_path / "report_both"))
+    assert json.loads((tmp_path / "report_both" / "ensemble_evaluation.json").read_text())["fused"]["num_cases"] == 2
+
     # a config without the encoder is refused naming the key; segmenter encoder needs one
     error = raises_with('condition_encoder: trained true, configured false', run_bundle, BUNDLE, ["inference.yaml"],
                         **settings(data, root, output_dir=str(root / "plain"), num_inference_steps=2, condition_encoder=False))
@@ -213,6 +230,9 @@ def test_condition_encoder_with_x0_loss_trains_segments_as_ensemble_and_as_encod
     raises_with("'segmenter' encoder writes the condition encoder's own segmentation, but 'condition_encoder' is false",
                 run_bundle, BUNDLE, ["inference.yaml"], **settings(data, root, output_dir=str(root / "x"), segmenter="encoder",
                                                                    condition_encoder=False))
+    raises_with("'segmenter' both fuses the condition encoder's softmax with the diffusion members, but 'condition_encoder' "
+                "is false", run_bundle, BUNDLE, ["inference.yaml"],
+                **settings(data, root, output_dir=str(root / "y"), segmenter="both", condition_encoder=False))
 
     # MONAI Label's monaibundle path: network_def, model.pt loaded strictly, then inferer(inputs, network)
     from monai.bundle import ConfigParser

@@ -57,4 +57,4 @@ from .objective import (
 from .provenance import ModelRecord, describe_network, describe_transform, label_names_of, read_record, record_path
 from .prepare import ConditionalDiffusionPrepareBatch, SamplingPrepareBatch
 from .progress import TrainingProgress
-from .sampler import CONDITION_KINDS, DDPM_SAMPLERS, SAMPLERS, ConditionalDiffusionSampler, build_scheduler
+from .sampler import CONDITION_KINDS, DDPM_SAMPLERS, SAMPLERS, ConditionalDiffusionSampler, EncoderMemberInferer, build_scheduler

@@ -342,18 +342,21 @@ class SegmentationDiffusionLoss(torch.nn.Module):
         return sum(terms.values())  # type: ignore[return-value]
 
 
-#: what image_to_mask's inference writes as the segmentation: the diffusion ensemble, or its condition encoder alone
-SEGMENTERS = ("ensemble", "encoder")
+#: what image_to_mask's inference writes as the segmentation: the diffusion ensemble, its condition encoder alone, or
+#: both fused (the diffusion members plus the encoder's softmax as one more member)
+SEGMENTERS = ("ensemble", "encoder", "both")
 
 
 def check_segmenter(segmenter: str, condition_encoder: bool) -> str:
     """``segmenter`` if it is one of :data:`SEGMENTERS` and possible: ``encoder`` needs a model with a condition
-    encoder (``condition_encoder`` true). Returns it."""
+    encoder (``condition_encoder`` true), and so does ``both``. Returns it."""
     choice("segmenter", segmenter, SEGMENTERS)
     _flag("condition_encoder", condition_encoder)
-    if segmenter == "encoder" and not condition_encoder:
+    if segmenter in ("encoder", "both") and not condition_encoder:
+        what = "writes the condition encoder's own segmentation" if segmenter == "encoder" else (
+            "fuses the condition encoder's softmax with the diffusion members")
         raise ConfigKeyError(
-            "'segmenter' encoder writes the condition encoder's own segmentation, but 'condition_encoder' is false "
+            f"'segmenter' {segmenter} {what}, but 'condition_encoder' is false "
             "(this model has none): use segmenter ensemble, or a model trained with --condition_encoder True."
         )
     return segmenter

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from segdiff.engine.dpm_solver import TIMESTEP_SPACINGS, DPMSolverScheduler
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 
-__all__ = ["CONDITION_KINDS", "DDPM_SAMPLERS", "SAMPLERS", "ConditionalDiffusionSampler", "build_scheduler"]
+__all__ = ["CONDITION_KINDS", "DDPM_SAMPLERS", "SAMPLERS", "ConditionalDiffusionSampler", "EncoderMemberInferer", "build_scheduler"]
 
 #: ``euler`` is MONAI's RFlowScheduler, for networks trained as rectified flows; the others for DDPM-trained networks
 #: the samplers of a model trained with the discrete DDPM forward process (the bundles' ``noise_schedule``);
@@ -341,3 +341,29 @@ class ConditionalDiffusionSampler:
             result = MetaTensor(result, meta=inputs.meta, applied_operations=inputs.applied_operations)
             result.is_batch = inputs.is_batch
         return result
+
+
+class EncoderMemberInferer:
+    """``inferer(inputs, network)``: the diffusion members of ``ensemble`` followed by one more member, the condition
+    encoder's softmax (``encoder``, a :class:`segdiff.evaluation.SegmenterInferer` with ``as_target_encoding``), as
+    ``(B, (K + 1) * C, *spatial)``, so the ensemble post-transforms fuse and measure all ``K + 1`` together.
+
+    Fu et al. (REFERENCE.md 6a) ensemble the diffusion segmenter with the plain segmenter it contains. The encoder's
+    soft probabilities also temper the near-binary diffusion members where they agree on a wrong class (calibration).
+    """
+
+    def __init__(self, ensemble: Any, encoder: Any) -> None:
+        self.ensemble = ensemble
+        self.encoder = encoder
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        members = self.ensemble(inputs, network)
+        encoder = torch.as_tensor(self.encoder(inputs, network)).to(device=members.device, dtype=members.dtype)
+        if encoder.shape[0] != members.shape[0] or encoder.shape[2:] != members.shape[2:]:
+            raise ValueError(f"the encoder's output {tuple(encoder.shape)} does not match the ensemble's "
+                             f"{tuple(members.shape)} (batch and spatial sizes must agree)")
+        out = torch.cat([torch.as_tensor(members), encoder], dim=1)
+        if isinstance(members, MetaTensor):
+            out = MetaTensor(out, meta=members.meta, applied_operations=members.applied_operations)
+            out.is_batch = members.is_batch
+        return out
