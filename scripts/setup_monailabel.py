@@ -2,6 +2,8 @@
 
     python3 scripts/setup_monailabel.py --studies ~/studies                # build (first time), copy, serve on :8000
     python3 scripts/setup_monailabel.py --studies ~/studies --weights image_to_mask=runs/i2m/models/model.pt
+    python3 scripts/setup_monailabel.py --studies ~/masks --bundles latent_mask_to_image \
+        --weights latent_mask_to_image=runs/latent/models      # the folder of its three stages' weights
     python3 scripts/setup_monailabel.py --build-only                       # only the venv (CI runs this first)
 
 Steps, each skipped when already done:
@@ -17,7 +19,9 @@ Steps, each skipped when already done:
    bundle under ``model/<name>``. Every run rewrites the copies' ``configs/`` from this checkout with the MONAI
    Label settings of :data:`MONAILABEL_SETTINGS` and the ``--set`` overrides (comments are not kept; edit the bundle
    and re-run). ``models/`` is copied only the first time or from ``--weights`` (with the weights' record,
-   ``<name>.json`` beside them, as ``models/model.json``): weights trained by MONAI Label stay.
+   ``<name>.json`` beside them, as ``models/model.json``): weights trained by MONAI Label stay. A bundle of
+   :data:`STAGE_WEIGHTS` (latent_mask_to_image) has several weight files: ``--weights`` takes their folder, each file
+   is copied with its record under its own name, and ``models/model.pt`` is an empty state dict (see there).
 4. ``monailabel start_server`` on 127.0.0.1 with the offline flags (``--conf zoo_source github --conf sam2 false``).
 
 docs/monailabel.md describes what the server answers; tests/test_monailabel_server.py runs it end to end.
@@ -122,7 +126,17 @@ MONAILABEL_SETTINGS = {
         # inference: the study is the mask, under 'image'; nothing is written, MONAI Label returns pred
         "inference.yaml": {"mask_key": "image"},
     },
+    "latent_mask_to_image": {
+        # inference only (no train.yaml: the three stages are trained from the command line). The study is the mask,
+        # under 'image'; MONAI Label loads models/model.pt into network_def, here an empty module with an empty state
+        # dict: the grid sampler loads the three stage files, each checked against its record, at every /infer
+        "inference.yaml": {"mask_key": "image", "network_def": "$torch.nn.Module()"},
+    },
 }
+#: bundles served from several weight files (in their models/, each with its record <name>.json): bundle -> files.
+#: MONAI Label needs a models/model.pt to offer a bundle at all, so these get an empty one (their copies'
+#: network_def is an empty module), written only when every file is there
+STAGE_WEIGHTS = {"latent_mask_to_image": ("autoencoder.pt", "diffusion.pt", "controlnet.pt")}
 CONFIG_FILES = ("inference.yaml", "train.yaml")
 STAMP = "segdiff-monailabel.json"
 SOURCE_STAMP = "segdiff-source.sha256"
@@ -311,6 +325,22 @@ def copy_weights(source: Path, target: Path) -> None:
               "unchecked", flush=True)
 
 
+def write_empty_model(models: Path, files: tuple[str, ...]) -> bool:
+    """For a bundle of :data:`STAGE_WEIGHTS`: write ``models/model.pt`` (an empty state dict, for the copy's empty
+    ``network_def``) when all of ``files`` are in ``models``, else remove it (MONAI Label then skips the bundle instead
+    of failing to start on a missing file). Returns whether the bundle can be served."""
+    import torch
+
+    target = Path(models) / "model.pt"
+    missing = [name for name in files if not (Path(models) / name).is_file()]
+    if missing:
+        target.unlink(missing_ok=True)
+        return False
+    if not target.exists():
+        torch.save({}, target)
+    return True
+
+
 def prepare_app(
     venv: Path,
     app: Path,
@@ -319,7 +349,8 @@ def prepare_app(
     bundles_dir: Path = BUNDLES,
 ) -> Path:
     """Lay out MONAI Label's ``monaibundle`` app at ``app`` with each of ``bundles`` (name -> overrides) under
-    ``model/<name>``; ``weights`` (name -> a state dict of network_def) become ``models/model.pt``. Returns ``app``."""
+    ``model/<name>``; ``weights`` (name -> a state dict of network_def) become ``models/model.pt``, or for a bundle of
+    :data:`STAGE_WEIGHTS` (name -> the folder of its files) are copied under their names. Returns ``app``."""
     app, weights = Path(app), dict(weights or {})
     sample = Path(venv) / "monailabel" / "sample-apps" / "monaibundle"
     if not (app / "main.py").exists():
@@ -343,9 +374,16 @@ def prepare_app(
         if not models.exists() and (source / "models").is_dir():
             shutil.copytree(source / "models", models, ignore=shutil.ignore_patterns(".gitkeep"))
         models.mkdir(parents=True, exist_ok=True)
-        if name in weights:
+        if name in STAGE_WEIGHTS:
+            for file in STAGE_WEIGHTS[name] if name in weights else ():
+                copy_weights(Path(weights[name]) / file, models / file)
+            if not write_empty_model(models, STAGE_WEIGHTS[name]):
+                missing = [f for f in STAGE_WEIGHTS[name] if not (models / f).is_file()]
+                print(f"warning: {models} lacks {', '.join(missing)}: MONAI Label will not offer {name} for inference "
+                      f"(--weights {name}=FOLDER with {', '.join(STAGE_WEIGHTS[name])})", flush=True)
+        elif name in weights:
             copy_weights(weights[name], models / "model.pt")
-        if not (models / "model.pt").exists():
+        if name not in STAGE_WEIGHTS and not (models / "model.pt").exists():
             print(f"warning: {models / 'model.pt'} missing: MONAI Label will not offer {name} for inference", flush=True)
     return app
 
@@ -386,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help=f"MONAI Label's venv (default {DEFAULT_VENV})")
     parser.add_argument("--bundles", default=",".join(DEFAULT_BUNDLES), help="bundles to serve, comma-separated")
     parser.add_argument("--weights", action="append", default=[], metavar="BUNDLE=PATH",
-                        help="a state dict of network_def to serve as BUNDLE's models/model.pt")
+                        help="a state dict of network_def to serve as BUNDLE's models/model.pt; for latent_mask_to_image "
+                             "the folder of its autoencoder.pt, diffusion.pt and controlnet.pt")
     parser.add_argument("--set", action="append", default=[], metavar="[BUNDLE:]KEY=VALUE",
                         help="override in the copies' inference.yaml and train.yaml, e.g. image_to_mask:num_members=3")
     parser.add_argument("--host", default="127.0.0.1")
@@ -399,6 +438,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.studies is not None and not args.build_only and not args.studies.is_dir():
         parser.error(f"--studies {args.studies}: no such folder (MONAI Label's datastore: <id>.nii.gz, labels in "
                      "labels/final/<id>.nii.gz)")
+    # the bundles and their weights are checked before the venv is built (minutes the first time)
+    names = [n.strip() for n in args.bundles.split(",") if n.strip()]
+    weights = {}
+    for item in args.weights:
+        name, sep, path = item.partition("=")
+        if not sep or name not in names:
+            parser.error(f"--weights {item!r}: expected BUNDLE=PATH with BUNDLE in {names}")
+        if name in STAGE_WEIGHTS:
+            missing = [f for f in STAGE_WEIGHTS[name] if not (Path(path) / f).is_file()]
+            if missing:
+                parser.error(f"--weights {item!r}: {name} takes the folder of its weights "
+                             f"({', '.join(STAGE_WEIGHTS[name])}); {path} lacks {', '.join(missing)}")
+        elif not Path(path).is_file():
+            parser.error(f"--weights {item!r}: expected BUNDLE=PATH with BUNDLE in {names} and an existing file")
+        weights[name] = Path(path)
     try:
         python = ensure_venv(args.venv)
         install_segdiff(args.venv)
@@ -411,13 +465,6 @@ def main(argv: list[str] | None = None) -> int:
     if Path(sys.prefix).resolve() != Path(args.venv).resolve():
         # the app's configs are rewritten with PyYAML: run the rest with the venv's python, which has it
         os.execv(str(python), [str(python), str(Path(__file__).resolve()), *argv])
-    names = [n.strip() for n in args.bundles.split(",") if n.strip()]
-    weights = {}
-    for item in args.weights:
-        name, sep, path = item.partition("=")
-        if not sep or name not in names or not Path(path).is_file():
-            parser.error(f"--weights {item!r}: expected BUNDLE=PATH with BUNDLE in {names} and an existing file")
-        weights[name] = Path(path)
     app = prepare_app(args.venv, args.app, _overrides(args.set, names), weights)
     command = server_command(args.venv, app, args.studies, names, args.host, args.port)
     print("+ " + " ".join(command), flush=True)

@@ -1,6 +1,7 @@
-"""A real MONAI Label 0.8.5 server, set up and started as scripts/setup_monailabel.py does, serving both bundles with
-tiny weights on a free loopback port: /info, /infer (segmentation, uncertainty, a generated image) and /train of both
-bundles answer 200, training writes new weights with their record, and the returned volumes lie on the study's grid.
+"""A real MONAI Label 0.8.5 server, set up and started as scripts/setup_monailabel.py does, serving the three bundles
+with tiny weights on a free loopback port: /info, /infer (segmentation, uncertainty, a generated image, a latent image
+of a requested modality) and /train of the two pixel-space bundles answer 200, training writes new weights with their
+record, the latent bundle's stage records are checked at every /infer, and the returned volumes lie on the study's grid.
 
 The server runs in its own venv, built by the script on first use (about 8 minutes, then cached under
 ~/.cache/segdiff; CI builds it in .ci/run before the tests). If it cannot be built, these tests fail with the reason.
@@ -8,6 +9,7 @@ The server runs in its own venv, built by the script on first use (about 8 minut
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -26,6 +28,9 @@ import numpy as np
 import pytest
 import torch
 from bundle_utils import BUNDLES, TINY_NETWORK, TINY_TRAINING, write_dataset
+from test_bundle_latent import INFERENCE as LATENT_INFERENCE
+from test_bundle_latent import LATENT
+from test_bundle_latent import train_stages as train_latent_stages
 
 from segdiff.errors import SegdiffError
 
@@ -82,6 +87,11 @@ def tiny_encoder_weights(seed: int = 1234) -> dict:
     return network.state_dict()
 
 
+#: the latent bundle served with the tiny stages test_bundle_latent trains (3 classes, modalities ct and mr)
+LATENT_SERVED = {"spatial_dims": 2, "image_size": [16, 16], "conditioning_channels": 8, **LATENT,
+                 **{k: v for k, v in LATENT_INFERENCE.items() if k != "num_inference_steps"}}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,6 +125,17 @@ def infer(server: dict, model: str, study: str, **params) -> nib.Nifti1Image:
     return nib.load(str(path))
 
 
+def logged(server: dict, text: str, timeout: float = 15.0) -> bool:
+    """Whether ``text`` appears in the server log within ``timeout`` seconds (an error's traceback is written after
+    the answer went out)."""
+    deadline = time.monotonic() + timeout
+    while text not in server["log"].read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def assert_on_study_grid(volume: nib.Nifti1Image, study: Path) -> None:
     reference = nib.load(str(study))
     assert volume.shape == reference.shape
@@ -133,8 +154,9 @@ def venv():
 
 @pytest.fixture(scope="module")
 def server(venv, tmp_path_factory):
-    """The server on a free port, with studies case0..2 (labelled), case3 (not labelled) and mask4 (a label map as
-    the study, for mask_to_image); stopped (its whole process group) when the module's tests are done."""
+    """The server on a free port, with studies case0..2 (labelled), case3 (not labelled), mask4 (a label map as the
+    study, for mask_to_image) and ctmask0 (a 3-class CT mask, for latent_mask_to_image, whose three stages are trained
+    first as test_bundle_latent trains them); stopped (its whole process group) when the module's tests are done."""
     root = tmp_path_factory.mktemp("monailabel")
     data = root / "data"
     write_dataset(data, num_classes=NUM_CLASSES, splits={"training": 4, "test": 1})
@@ -145,8 +167,11 @@ def server(venv, tmp_path_factory):
         if case < 3:
             shutil.copy(data / "labels" / f"case{case}.nii.gz", studies / "labels" / "final" / f"case{case}.nii.gz")
     shutil.copy(data / "labels" / "case4.nii.gz", studies / "mask4.nii.gz")
+    train_latent_stages(root / "latent")
+    shutil.copy(root / "latent" / "data" / "masks" / "ct_mask0.nii.gz", studies / "ctmask0.nii.gz")
 
-    weights = {"image_to_mask": root / "image_to_mask.pt", "mask_to_image": root / "mask_to_image.pt"}
+    weights = {"image_to_mask": root / "image_to_mask.pt", "mask_to_image": root / "mask_to_image.pt",
+               "latent_mask_to_image": root / "latent" / "bundle" / "models"}  # the folder of the three stages
     torch.save(tiny_encoder_weights(), weights["image_to_mask"])  # noisy one-hot mask + image (+ the encoder inside)
     torch.save(tiny_weights(1 + NUM_CLASSES, 1), weights["mask_to_image"])  # noisy image + one-hot mask
     small = {**TINY_NETWORK, "image_size": [16, 16]}
@@ -156,7 +181,8 @@ def server(venv, tmp_path_factory):
     # v-prediction: untrained, a mask-predicting network returns its zero output layer's constant for every member
     bundles = {"image_to_mask": {**small, **TINY_ENCODER, "prediction_type": "v_prediction", "recycling": False, **training,
                                  "uncertainty": "disagreement"},
-               "mask_to_image": {**small, **training}}
+               "mask_to_image": {**small, **training},
+               "latent_mask_to_image": LATENT_SERVED}
     app = setup.prepare_app(venv, root / "app", bundles, weights)
 
     port = free_port()
@@ -207,7 +233,11 @@ def test_info_lists_both_bundles_their_labels_and_per_request_settings(server):
     assert segmenter["config"]["num_members"] == 5 and segmenter["config"]["output"] == "seg"
     assert "num_inference_steps" in segmenter["config"]
     assert {"num_inference_steps", "seed"} <= set(info["models"]["mask_to_image"]["config"])
-    assert sorted(info["trainers"]) == ["image_to_mask", "mask_to_image"]
+    latent = info["models"]["latent_mask_to_image"]["config"]
+    assert latent["modality"] == ["mr", "ct"]  # a choice: the bundle's default first, then the record's other names
+    assert latent["guidance_scale"] == 1.0 and {"num_inference_steps", "seed"} <= set(latent)
+    assert latent["model_filename"][0] == "model.pt"  # the empty placeholder MONAI Label loads; the stages: below
+    assert sorted(info["trainers"]) == ["image_to_mask", "mask_to_image"]  # the latent bundle has no train.yaml
     # MONAI Label offers models/*.pt as model files: a record (models/model.json) is never among them
     for name, trainer in info["trainers"].items():
         assert trainer["config"]["model_filename"][0] == "model.pt", name
@@ -244,6 +274,64 @@ def test_mask_to_image_answers_a_label_map_study_with_a_generated_image(server):
     assert values.dtype == np.float32 and values.std() > 0
     assert values.min() >= -1.0 - 1e-5 and values.max() <= 1.0 + 1e-5  # intensities of the training scale
     assert not (server["app"] / "model" / "mask_to_image" / "outputs").exists()  # MONAI Label returns it; nothing written
+
+
+def test_latent_mask_to_image_answers_a_mask_study_with_a_seeded_image_of_the_requested_modality(server):
+    study = server["studies"] / "ctmask0.nii.gz"
+    settings = {"num_inference_steps": 2, "seed": 3}
+    images = {"mr": infer(server, "latent_mask_to_image", "ctmask0", **settings, modality="mr")}
+    assert_on_study_grid(images["mr"], study)
+    values = np.asarray(images["mr"].dataobj)
+    assert values.dtype == np.float32 and np.isfinite(values).all() and values.std() > 0
+    again = infer(server, "latent_mask_to_image", "ctmask0", **settings, modality="mr")
+    np.testing.assert_array_equal(np.asarray(again.dataobj), values)  # same settings, same image
+    default = infer(server, "latent_mask_to_image", "ctmask0", **settings)  # no modality: the default, mr
+    np.testing.assert_array_equal(np.asarray(default.dataobj), values)
+    for other in ({"seed": 4}, {"num_inference_steps": 3}):  # another seed or step count: another image
+        image = infer(server, "latent_mask_to_image", "ctmask0", **{**settings, **other})
+        assert not np.allclose(np.asarray(image.dataobj), values), other
+    # the other trained modality answers; a name the UNet was not trained with is refused, naming the trained ones
+    assert_on_study_grid(infer(server, "latent_mask_to_image", "ctmask0", **settings, modality="ct"), study)
+    query = urllib.parse.urlencode({"image": "ctmask0", "output": "image"})
+    status, _ = call(server["url"], "POST", f"/infer/latent_mask_to_image?{query}",
+                     form={"params": json.dumps({**settings, "modality": "pet"})})
+    assert status != 200 and logged(server, "modality 'pet', not one of: ct, mr"), server["log_tail"]()
+    assert not (server["app"] / "model" / "latent_mask_to_image" / "outputs").exists()  # nothing written
+
+
+def test_the_served_latent_config_hands_each_per_request_setting_to_the_sampler(server):
+    """As MONAI Label does per request: the request's values replace displayable_configs, the config is parsed again.
+    (The tiny UNet's output barely depends on the modality and the guidance, so the images cannot show these two.)"""
+    from monai.bundle import ConfigParser
+
+    config = ConfigParser()
+    config.read_config(str(server["app"] / "model" / "latent_mask_to_image" / "configs" / "inference.yaml"))
+    config["bundle_root"] = str(server["app"] / "model" / "latent_mask_to_image")
+    for request, modality in (({"modality": ["mr", "ct"]}, 1), ({"modality": "ct"}, 0)):  # the list: the default
+        config["displayable_configs"].update({"guidance_scale": 3.0, "num_inference_steps": 4, "seed": 7, **request})
+        config.parse()
+        sampler = config.get_parsed_content("inferer")
+        assert sampler.sampler.modality == modality and sampler.sampler.guidance_scale == 3.0
+        assert sampler.sampler.loop.num_inference_steps == 4 and sampler.seed == 7
+
+
+def test_latent_mask_to_image_checks_the_stage_records_at_every_infer(server):
+    models = server["app"] / "model" / "latent_mask_to_image" / "models"
+    record = models / "controlnet.json"
+    original = record.read_text()
+    changed = json.loads(original)
+    changed["settings"]["conditioning_channels"] = 4
+    record.write_text(json.dumps(changed))
+    query = urllib.parse.urlencode({"image": "ctmask0", "output": "image"})
+    try:
+        status, _ = call(server["url"], "POST", f"/infer/latent_mask_to_image?{query}",
+                         form={"params": json.dumps({"num_inference_steps": 2})})
+        assert status != 200
+        assert logged(server, "conditioning_channels: trained 4, configured 8"), server["log_tail"]()
+    finally:
+        record.write_text(original)
+    image = infer(server, "latent_mask_to_image", "ctmask0", num_inference_steps=2)  # the true record passes again
+    assert_on_study_grid(image, server["studies"] / "ctmask0.nii.gz")
 
 
 def test_train_writes_a_new_model_that_starts_from_the_served_weights_again_and_again(server):
@@ -372,3 +460,124 @@ def test_setup_script_refuses_a_missing_studies_folder_before_any_work(tmp_path,
     assert exit_info.value.code == 2
     assert f"--studies {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "venv").exists()
+
+
+def write_stage_folder(folder: Path, stages=("autoencoder.pt", "diffusion.pt", "controlnet.pt")) -> Path:
+    """A folder of weight files, each with a record, as the latent bundle's training writes them (tiny stand-ins)."""
+    folder.mkdir(parents=True)
+    for index, name in enumerate(stages):
+        torch.save({"w": torch.full((1,), float(index))}, folder / name)
+        (folder / name).with_suffix(".json").write_text(json.dumps({"format": "record", "stage": name}))
+    return folder
+
+
+def test_prepare_app_serves_the_latent_stages_with_an_empty_model_pt_for_monailabel(tmp_path):
+    import yaml
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "main.py").write_text("")
+    stages = write_stage_folder(tmp_path / "run" / "models")
+    setup.prepare_app(tmp_path / "no-venv", app, {"latent_mask_to_image": {}}, {"latent_mask_to_image": stages})
+    target = app / "model" / "latent_mask_to_image"
+    for name in setup.STAGE_WEIGHTS["latent_mask_to_image"]:  # each stage under its own name, with its record
+        assert (target / "models" / name).read_bytes() == (stages / name).read_bytes()
+        assert json.loads((target / "models" / name).with_suffix(".json").read_text())["stage"] == name
+    assert torch.load(target / "models" / "model.pt", weights_only=True) == {}  # MONAI Label's load: a no-op
+    config = yaml.safe_load((target / "configs" / "inference.yaml").read_text())
+    assert config["mask_key"] == "image" and config["network_def"] == "$torch.nn.Module()"
+    assert not (target / "configs" / "train.yaml").exists()  # inference only: MONAI Label offers no trainer
+
+
+def test_prepare_app_offers_no_latent_model_while_a_stage_file_is_missing(tmp_path, capsys):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "main.py").write_text("")
+    models = write_stage_folder(app / "model" / "latent_mask_to_image" / "models", ("autoencoder.pt", "diffusion.pt"))
+    torch.save({}, models / "model.pt")  # an earlier copy's placeholder, but no controlnet.pt now
+    setup.prepare_app(tmp_path / "no-venv", app, {"latent_mask_to_image": {}})
+    assert not (models / "model.pt").exists()  # MONAI Label skips the bundle instead of failing at start
+    assert "lacks controlnet.pt" in capsys.readouterr().out
+
+
+def test_setup_script_refuses_latent_weights_that_are_not_the_stage_folder_before_any_work(tmp_path, capsys):
+    (tmp_path / "studies").mkdir()
+    stages = write_stage_folder(tmp_path / "models", stages=("autoencoder.pt", "diffusion.pt"))
+    for path in (stages, stages / "diffusion.pt"):
+        with pytest.raises(SystemExit) as exit_info:
+            load_setup_script().main(["--studies", str(tmp_path / "studies"), "--venv", str(tmp_path / "venv"),
+                                      "--bundles", "latent_mask_to_image", "--weights", f"latent_mask_to_image={path}"])
+        assert exit_info.value.code == 2
+        assert "latent_mask_to_image takes the folder of its weights" in capsys.readouterr().err
+    assert not (tmp_path / "venv").exists()
+
+
+# ---- the latent bundle's stages, as the served sampler loads them (tiny stand-in modules, real records) -----------
+class TinyDenoiser(torch.nn.Module):
+    """Stands in for ControlNetDiffusion: what LatentStages needs of it is a unet and a controlnet."""
+
+    def __init__(self):
+        super().__init__()
+        self.unet = torch.nn.Linear(2, 2)
+        self.controlnet = torch.nn.Linear(2, 2)
+
+
+def tiny_stages(folder: Path, controlnet_settings: dict | None = None):
+    """LatentStages over tiny modules whose weight files (seeded, with records) are written to ``folder``; the
+    ControlNet's file is recorded with ``controlnet_settings`` (default: the settings the stages check)."""
+    from segdiff.engine import ModelRecord
+    from segdiff.engine.latent_inference import LatentStages
+    from segdiff.engine.provenance import save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    autoencoder, network = torch.nn.Linear(2, 2), TinyDenoiser()
+    modules = {"autoencoder": autoencoder, "diffusion": network.unet, "controlnet": network.controlnet}
+    records = {}
+    for index, (name, module) in enumerate(modules.items()):
+        checked = {"stage": name, **({"conditioning_channels": 8} if name == "controlnet" else {})}
+        records[name] = ModelRecord(checked, weights_path=folder / f"{name}.pt", bundle="latent_mask_to_image")
+        trained = copy.deepcopy(module)
+        torch.nn.init.constant_(trained.weight, float(index + 1))
+        settings = controlnet_settings if name == "controlnet" and controlnet_settings else checked
+        written = ModelRecord(settings, bundle="latent_mask_to_image").build(trained)
+        save_weights(trained.state_dict(), folder / f"{name}.pt", written)
+    return LatentStages(autoencoder, network, records)
+
+
+def test_latent_stages_check_every_record_before_loading_any(tmp_path):
+    stages = tiny_stages(tmp_path, controlnet_settings={"stage": "controlnet", "conditioning_channels": 4})
+    before = stages.autoencoder.weight.detach().clone()
+    with pytest.raises(SegdiffError, match="conditioning_channels"):
+        stages.load()
+    assert torch.equal(stages.autoencoder.weight, before)  # the autoencoder's file was fine, and is not loaded either
+
+
+def test_latent_stages_load_into_their_modules_once_until_a_file_changes(tmp_path):
+    stages = tiny_stages(tmp_path)
+    stages.load_once()
+    assert [float(m.weight[0, 0]) for m in stages.modules().values()] == [1.0, 2.0, 3.0]
+    with torch.no_grad():
+        stages.network.controlnet.weight.zero_()
+    stages.load_once()  # the same files, unchanged: not loaded again
+    assert float(stages.network.controlnet.weight[0, 0]) == 0.0
+    path = tmp_path / "controlnet.pt"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a new file there
+    stages.load_once()
+    assert float(stages.network.controlnet.weight[0, 0]) == 3.0
+
+
+def test_latent_stages_serve_their_network_for_an_empty_module_and_refuse_another(tmp_path):
+    stages = tiny_stages(tmp_path)
+    assert stages.network_for(torch.nn.Module()) is stages.network  # MONAI Label's network_def in the copy
+    assert float(stages.network.unet.weight[0, 0]) == 2.0  # loaded on the way
+    assert stages.network_for(stages.network) is stages.network
+    with pytest.raises(SegdiffError, match="not its stages' network"):
+        stages.network_for(torch.nn.Linear(2, 2))
+
+
+def test_a_setting_monailabel_sends_as_its_list_of_choices_is_the_first_entry():
+    from segdiff.engine.latent_inference import chosen
+
+    assert chosen(["mr", "ct"]) == "mr" and chosen("ct") == "ct" and chosen(2.0) == 2.0
+    with pytest.raises(SegdiffError, match="at least one entry"):
+        chosen([])

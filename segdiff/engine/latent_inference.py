@@ -15,12 +15,20 @@ DIFFERENT noise: the noise of all of a case's slices is drawn at once from a gen
 ``batch_size`` is given its part (the wrapped sampler, built with ``seed`` None, takes ``noise`` and ``generator``);
 torch's global random state is not touched. For the deterministic samplers (ddim, dpm_solver, euler) the images do not
 depend on ``batch_size``; ddpm draws its step noise from the same generator in chunk order.
+
+Weights: :class:`LatentStages` holds the three trained stages (autoencoder, latent UNet, ControlNet) with their files and
+records; its :meth:`~LatentStages.load` checks every file against its record, then loads them. Given to
+:class:`LatentGridSampler` as ``stages``, they are loaded before sampling unless already loaded from the same files, so
+a caller that skips the config's ``initialize`` (MONAI Label's ``/infer``: it loads one ``models/model.pt`` into
+``network_def`` itself) still samples with checked weights; such a caller may hand over an empty module in place of the
+network (the MONAI Label copy's ``network_def``, scripts/setup_monailabel.py).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +39,11 @@ from monai.utils import convert_to_tensor
 from segdiff.engine.grid import from_network_units, resize, to_network_units
 from segdiff.errors import ConfigKeyError, ModelMismatchError
 
-__all__ = ["LatentGridSampler", "check_model_grid", "model_grid_divisor", "trained_modalities"]
+__all__ = ["STAGES", "LatentGridSampler", "LatentStages", "check_model_grid", "chosen", "model_grid_divisor",
+           "trained_modalities"]
+
+#: the latent bundle's trained stages, in training order: each has its weight file ``<stage>.pt`` and record
+STAGES = ("autoencoder", "diffusion", "controlnet")
 
 
 def trained_modalities(weights_path: Any) -> dict[str, int]:
@@ -86,6 +98,100 @@ def check_model_grid(
         raise ConfigKeyError(f"{key} {list(size)}: every axis must be a multiple of {factor} ({why}); found {bad}.")
 
 
+def chosen(value: Any) -> Any:
+    """A per-request setting that MONAI Label may hand over as its list of choices: the first entry of a list or tuple
+    (the chosen one: the default when the request names none), else the value itself. MONAI Label shows a list in
+    ``displayable_configs`` as a choice (3D Slicer: a drop-down) and sends the chosen entry, or the whole list when a
+    REST request leaves the setting out."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigKeyError("a setting given as a list of choices must have at least one entry (the chosen one).")
+        return value[0]
+    return value
+
+
+def _file_state(path: Path) -> tuple[str, int | None]:
+    try:
+        return str(path), path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return str(path), None
+
+
+class LatentStages:
+    """The latent generator's three trained stages as modules with their weight files: every file is checked against
+    its record, then loaded into its module.
+
+    Args:
+        autoencoder: the ``AutoencoderKL`` (stage ``autoencoder``).
+        network: the :class:`segdiff.engine.ControlNetDiffusion`: its ``unet`` takes stage ``diffusion``, its
+            ``controlnet`` stage ``controlnet``.
+        records: stage name -> :class:`segdiff.engine.ModelRecord` with the stage's ``weights_path``, for each of
+            :data:`STAGES`.
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module, network: torch.nn.Module, records: Mapping[str, Any]) -> None:
+        missing = [name for name in STAGES if name not in records]
+        unknown = [name for name in records if name not in STAGES]
+        if missing or unknown:
+            raise ConfigKeyError(f"'records' must name the stages {list(STAGES)}; missing {missing}, unknown {unknown}.")
+        for name in STAGES:
+            if getattr(records[name], "weights_path", None) is None:
+                raise ConfigKeyError(f"records[{name!r}] has no weights_path: the stage's file cannot be loaded.")
+        if not all(hasattr(network, part) for part in ("unet", "controlnet")):
+            raise ConfigKeyError(
+                f"'network' must be a ControlNetDiffusion (with unet and controlnet), got {type(network).__name__}."
+            )
+        self.autoencoder = autoencoder
+        self.network = network
+        self.records = {name: records[name] for name in STAGES}
+        self._loaded: tuple | None = None
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Stage name -> the module its weights go into."""
+        return {"autoencoder": self.autoencoder, "diffusion": self.network.unet, "controlnet": self.network.controlnet}
+
+    def weights_paths(self) -> dict[str, Path]:
+        return {name: Path(record.weights_path) for name, record in self.records.items()}
+
+    def _files(self) -> tuple:
+        return tuple(_file_state(path) for path in self.weights_paths().values())
+
+    def load(self) -> dict[str, dict | None]:
+        """Check every stage's file against its record (all of them before any is loaded), then load each into its
+        module on the module's device. Returns stage name -> record (None for a file without one: a warning).
+
+        Raises:
+            InputNotFoundError: a stage's file is missing.
+            ModelMismatchError: a record differs from the configured settings, or a file does not fit its module.
+        """
+        modules = self.modules()
+        found = {name: self.records[name].verify(modules[name]) for name in STAGES}
+        for name, path in self.weights_paths().items():
+            module = modules[name]
+            device = next(module.parameters()).device
+            module.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        self._loaded = self._files()
+        return found
+
+    def load_once(self) -> None:
+        """:meth:`load` unless these modules already hold the same files (same paths, unchanged since)."""
+        if self._loaded != self._files():
+            self.load()
+
+    def network_for(self, network: torch.nn.Module) -> torch.nn.Module:
+        """The network to sample with when a caller hands over ``network``: this ``network``, its stages loaded
+        (:meth:`load_once`). ``network`` must be it, or a module without parameters (MONAI Label's ``network_def`` in
+        the bundle's copy for it); another network is refused rather than silently replaced."""
+        raw = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+        if raw is not self.network and any(True for _ in raw.parameters()):
+            raise ConfigKeyError(
+                f"the sampler was handed a {type(raw).__name__} with parameters that is not its stages' network: give "
+                "it the config's 'network' (its stages load the weights), or an empty module."
+            )
+        self.load_once()
+        return self.network
+
+
 def _background_pad(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Pad one-hot masks ``(N, C, *spatial)`` at the end of each axis up to ``size`` with background (channel 0 on,
     the others off): training pads label maps with 0 before encoding them, so padding is background there too."""
@@ -119,6 +225,9 @@ class LatentGridSampler:
         num_samples: images per mask, each from its own noise (all of a case's noise, every sample's slices, is drawn
             at once); the output's channels are sample-major, as :class:`segdiff.engine.ConditionalDiffusionSampler`
             orders them: ``[k * C, (k + 1) * C)`` hold sample ``k``.
+        stages: a :class:`LatentStages` whose network samples (:meth:`LatentStages.network_for`: loaded, each file
+            checked against its record, unless already loaded from the same files); its autoencoder must be the one
+            ``sampler`` decodes with. None: the caller's network, its weights loaded by the caller.
     """
 
     def __init__(
@@ -132,6 +241,7 @@ class LatentGridSampler:
         seed: int | None = 0,
         class_labels: Any = None,
         num_samples: int = 1,
+        stages: LatentStages | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ConfigKeyError(f"'spatial_dims' must be 2 or 3, got {spatial_dims}.")
@@ -151,6 +261,11 @@ class LatentGridSampler:
             raise ConfigKeyError(f"'batch_size' must be >= 1, got {batch_size}.")
         if int(num_samples) < 1:
             raise ConfigKeyError(f"'num_samples' must be >= 1, got {num_samples}.")
+        if stages is not None and getattr(sampler, "autoencoder", None) is not stages.autoencoder:
+            raise ConfigKeyError(
+                "the latent sampler decodes with another autoencoder than the stages' (whose weights are loaded): "
+                "give both the config's 'autoencoder'."
+            )
         self.sampler = sampler
         self.spatial_dims = int(spatial_dims)
         self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
@@ -160,6 +275,7 @@ class LatentGridSampler:
         self.seed = seed
         self.class_labels = class_labels
         self.num_samples = int(num_samples)
+        self.stages = stages
 
     def model_size(self, case_size: Sequence[int]) -> tuple[int, ...]:
         """The grid the networks run on for a slice or volume of ``case_size``."""
@@ -197,6 +313,8 @@ class LatentGridSampler:
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         """Images ``(B, num_samples * image_channels, *spatial)`` for one-hot masks ``inputs``
         ``(B, num_classes, *spatial)``, with the inputs' metadata."""
+        if self.stages is not None:
+            network = self.stages.network_for(network)
         outputs = []
         for case in inputs:
             case = convert_to_tensor(case, track_meta=False)
