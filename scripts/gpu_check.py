@@ -18,6 +18,9 @@ rewritten after every phase, so a run stopped from outside keeps what it had mea
 5. ``rflow``: a second short run with ``diffusion: rflow``, sampled with ``euler``, if train.yaml has that key;
    otherwise recorded as not available in this checkout.
 6. ``volume_3d``: forward + backward time and peak memory of a small 3D DiffusionModelUNet at 64^3.
+7. ``latent_3d``: 3D mask -> image generation with the latent_mask_to_image bundle's default 3D networks at 64^3 and
+   128^3 (``scripts/benchmark_latent.py`` in this process: dpm_solver, 10 steps, sampling and decoding seconds, peak
+   memory), each size capped at an equal share of the time budget left.
 
     python scripts/gpu_check.py --output-dir gpu_check_output            # on the GPU (about 3-5 minutes)
     python scripts/gpu_check.py --device cpu --tiny --output-dir /tmp/gc  # the same code path on a CPU, in seconds
@@ -80,6 +83,7 @@ FULL_DEFAULTS = {
     "rflow_steps": 100,
     "rflow_sampler": "euler:30",
     "volume_size": 64,
+    "latent_sizes": [64, 128],
 }
 TINY_DEFAULTS = {
     "steps": 8,
@@ -89,6 +93,7 @@ TINY_DEFAULTS = {
     "rflow_steps": 4,
     "rflow_sampler": "euler:3",
     "volume_size": 16,
+    "latent_sizes": [16],
 }
 
 
@@ -710,6 +715,20 @@ def volume_3d(size: int, tiny: bool, device, amp: bool, repeats: int = 5) -> dic
     }
 
 
+def latent_3d(sizes: list[int], tiny: bool, device, guard: TimeGuard) -> dict:
+    """3D generation of the latent bundle (scripts/benchmark_latent.py), each size capped at an equal share of the
+    time budget left; a size over its cap or out of memory is a row saying so, not a failed phase."""
+    benchmark = load_script("benchmark_latent")
+    cap = max(guard.left() / max(len(sizes), 1), 1.0)
+    argv = ["--device", str(device), "--sizes", *map(str, sizes), "--isolation", "none",
+            "--max-seconds-per-size", f"{cap:.0f}"]
+    if tiny:
+        argv += ["--tiny", "--steps", "2"]
+    report = benchmark.benchmark(benchmark.parse_args(argv), ["benchmark_latent.py", *argv])
+    return {"weights": report["weights"], "data": report["data"], "settings": report["settings"],
+            "rows": report["rows"]}
+
+
 # ---- the table ----------------------------------------------------------------------------------------------------
 def fmt(value: Any, spec: str = ".3g") -> str:
     if value is None:
@@ -764,6 +783,19 @@ def print_table(report: dict) -> None:
             f"\n3D: {vol['volume']} x batch {vol['batch_size']}, channels {vol['network']['network_channels']}: "
             f"forward+backward {vol['forward_backward_s'] * 1e3:.1f} ms, peak memory {vol['peak_memory_mb']:.0f} MB"
         )
+    latent = report["phases"].get("latent_3d", {})
+    if latent.get("rows"):
+        print("\nlatent 3D generation (latent_mask_to_image, random weights):")
+        print(
+            "| size | latent | sampler | steps | sampling (s) | decoding (s) | total (s) | peak memory (MB) | status |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in latent["rows"]:
+            print(
+                f"| {r['size'][0]}^3 | {r.get('latent_shape', '-')} | {r['sampler']} | {r['steps']} | "
+                f"{fmt(r.get('sampling_s'))} | {fmt(r.get('decoding_s'))} | {fmt(r.get('total_s'))} | "
+                f"{fmt(r.get('peak_memory_mb'), '.0f')} | {r['status']} |"
+            )
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -803,6 +835,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--volume-3d", action=argparse.BooleanOptionalAction, default=True, help="the 3D network row")
     parser.add_argument("--volume-size", type=int, help=f"3D edge length (default {FULL_DEFAULTS['volume_size']})")
+    parser.add_argument(
+        "--latent-3d", action=argparse.BooleanOptionalAction, default=True, help="the latent bundle's 3D generation row"
+    )
+    parser.add_argument(
+        "--latent-sizes", type=int, nargs="+", help=f"its volume edges (default {FULL_DEFAULTS['latent_sizes']})"
+    )
     parser.add_argument(
         "--data-dir", type=Path, help="demo data folder to reuse (written there if it has no datalist.json)"
     )
@@ -863,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
             "rflow_sampler": args.rflow_sampler,
             "volume_3d": args.volume_3d,
             "volume_size": args.volume_size,
+            "latent_3d": args.latent_3d,
+            "latent_sizes": args.latent_sizes,
             "time_budget_s": args.time_budget_s,
         },
         "phases": {},
@@ -918,6 +958,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.volume_3d:
             run_phase(report, "volume_3d", lambda: volume_3d(args.volume_size, args.tiny, device, amp), guard, output)
+        if args.latent_3d:
+            run_phase(
+                report, "latent_3d", lambda: latent_3d(args.latent_sizes, args.tiny, device, guard), guard, output
+            )
     finally:
         report["total_wall_s"] = guard.elapsed()
         write_report(report, output)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ["environment", "data", "training", "sampling", "rflow", "volume_3d"]
+PHASES = ["environment", "data", "training", "sampling", "rflow", "volume_3d", "latent_3d"]
 
 
 def load_gpu_check():
@@ -88,6 +88,11 @@ def test_tiny_cpu_run_writes_every_phase_with_positive_measurements(demo_dir, tm
     volume = report["phases"]["volume_3d"]
     assert volume["status"] == "ok" and volume["volume"] == [16, 16, 16]
     assert positive(volume["forward_backward_s"]) and positive(volume["peak_memory_mb"])
+    latent = report["phases"]["latent_3d"]
+    assert latent["status"] == "ok" and "randomly initialised" in latent["weights"]
+    (row,) = latent["rows"]
+    assert row["status"] == "ok" and row["size"] == [16, 16, 16] and row["latent_shape"] == [2, 8, 8, 8]
+    assert positive(row["sampling_s"]) and positive(row["decoding_s"]) and positive(row["total_s"])
     assert "| sampler | steps |" in capsys.readouterr().out  # the readable table
 
 
