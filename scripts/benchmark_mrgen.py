@@ -68,7 +68,7 @@ def run_bundle(bundle: Path, configs: list[str], overrides: dict, log: Path, tra
     for key, value in overrides.items():
         command += [f"--{key}", value if isinstance(value, str) else repr(value)]  # fire reads Python literals
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[mrgen] {' '.join(command[3:5] + configs)} -> log {log}", flush=True)
+    print(f"[step] {' '.join(command[3:5] + configs)} -> log {log}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as out:
         out.write(" ".join(command) + "\n")

@@ -82,3 +82,26 @@ def test_markdown_reports_every_arm_the_margin_and_the_image_quality(mrgen):
     assert "**+0.250** mean Dice" in text
     assert "| synthetic | 30 | 1.5 | n/a | 0.2 |" in text
     assert "mr PSNR 25.00 dB, SSIM 0.800" in text and "| autoencoder | max_epochs 300 | 10.0 min |" in text
+
+
+@pytest.fixture(scope="module")
+def pixel_vs_latent(mrgen):
+    spec = importlib.util.spec_from_file_location("benchmark_pixel_vs_latent", REPO / "scripts" / "benchmark_pixel_vs_latent.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pixel_vs_latent_gives_every_demo_entry_one_modality_and_reports_both_models(tmp_path, pixel_vs_latent):
+    datalist = {"labels": {"0": "background", "1": "CSF"}, "training": [{"image": "a.nii.gz", "label": "b.nii.gz"}],
+                "test": [{"image": "c.nii.gz", "label": "d.nii.gz"}]}
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    written = json.loads(pixel_vs_latent.latent_datalist(tmp_path).read_text())
+    assert written["modalities"] == {"t1": 0}
+    assert written["training"] == [{"image": "a.nii.gz", "label": "b.nii.gz", "modality": "t1"}]
+    assert written["test"][0]["modality"] == "t1" and written["validation"] == []
+    assert json.loads((tmp_path / "datalist.json").read_text()) == datalist  # the demo datalist is left as it was
+    rows = [{"model": "pixel", "training": "600 steps", "mean_dice": 0.6, "dice": {"CSF": 0.25}, "seconds_per_slice": 0.5},
+            {"model": "real", "training": "", "mean_dice": 0.7, "dice": {"CSF": None}, "seconds_per_slice": None}]
+    text = pixel_vs_latent.markdown({"command": "c", "hardware": "h", "classes": ["CSF"], "rows": rows})
+    assert "| pixel | 600 steps | **0.600** | 0.250 | 0.500 |" in text and "| real |  | **0.700** | n/a |  |" in text
