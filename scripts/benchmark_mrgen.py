@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diffusion-epochs", type=int, default=400)
     parser.add_argument("--controlnet-epochs", type=int, default=300)
     parser.add_argument("--target-mix-ratio", type=float, default=0.5)
+    parser.add_argument("--ema-momentum", type=float, default=2.0e-2,
+                        help="EMA of stages 2 and 3: the bundles' 1e-3 averages over ~1000 steps, longer than these "
+                             "runs, so the saved EMA weights would still be mostly the initial ones")
     parser.add_argument("--round0-seeds", type=int, default=4, help="unfiltered images per CT mask")
     parser.add_argument("--judge-iterations", type=int, default=400)
     parser.add_argument("--max-tries-per-mask", type=int, default=20)
@@ -311,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     stage_settings = {
         "autoencoder": {"max_epochs": args.autoencoder_epochs, "adversarial_warmup_steps": args.adversarial_warmup_steps,
                         "val_interval": 50},
-        "diffusion": {"max_epochs": args.diffusion_epochs, "warmup_steps": 100, "val_interval": 100},
+        "diffusion": {"max_epochs": args.diffusion_epochs, "warmup_steps": 100, "val_interval": 100,
+                      "ema_momentum": args.ema_momentum},
         "controlnet": {"max_epochs": args.controlnet_epochs, "warmup_steps": 100, "val_interval": 100,
+                       "ema_momentum": args.ema_momentum,
                        "num_classes": NUM_CLASSES, "target_modality": "mr", "target_mix_ratio": args.target_mix_ratio},
     }
     steps = []

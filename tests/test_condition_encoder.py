@@ -356,7 +356,10 @@ def test_segmenter_encoder_is_refused_for_a_model_without_one():
     assert check_segmenter("encoder", True) == "encoder" and check_segmenter("ensemble", False) == "ensemble"
     with pytest.raises(ConfigKeyError, match="'segmenter' encoder .* but 'condition_encoder' is false"):
         check_segmenter("encoder", False)
-    with pytest.raises(ConfigKeyError, match="'segmenter' must be one of 'ensemble', 'encoder'; got 'unet'"):
+    assert check_segmenter("both", True) == "both"
+    with pytest.raises(ConfigKeyError, match="'segmenter' both fuses the condition encoder's softmax .* but 'condition_encoder' is false"):
+        check_segmenter("both", False)
+    with pytest.raises(ConfigKeyError, match="'segmenter' must be one of 'ensemble', 'encoder', 'both'; got 'unet'"):
         check_segmenter("unet", True)
 
 
