@@ -396,3 +396,28 @@ def test_modalities_are_checked_and_the_unlabelled_modality_needs_no_label(datas
     del datalist["modalities"]
     problems = find_problems(datalist, root, 3, 1, unlabelled_modalities=["mr"])
     assert any("unlabelled modalities ['mr'] given, but the datalist has no 'modalities' mapping" in p for p in problems)
+
+
+def test_images_in_two_voxel_orientations_are_refused_naming_both_groups(dataset):
+    # an LPS case among RAS ones: same world, but its arrays are the others' turned by 180 degrees in-plane
+    root, datalist = dataset
+    lps = np.diag([-1.5, -1.5, 3.0, 1.0])
+    lps[:3, 3] = [10.0, 5.0, 2.0]
+    write_nifti(root / "images" / "c.nii.gz", image(), aff=lps)
+    write_nifti(root / "labels" / "c.nii.gz", label(), aff=lps)
+    problem = only_problem(find_problems(datalist, root, 3))
+    assert problem.startswith("orientation: expected every image in one voxel orientation, found ")
+    assert "RAS (2: training[0] images/a.nii.gz, training[1] images/b.nii.gz)" in problem
+    assert "LPS (1: validation[0] images/c.nii.gz)" in problem
+    assert "nib.as_closest_canonical" in problem
+    # the same files checked split by split have one orientation each
+    assert find_problems(datalist, root, 3, splits=("training",)) == []
+    assert find_problems(datalist, root, 3, splits=("validation",)) == []
+
+
+def test_mask_only_entries_are_checked_for_orientation_by_their_masks(dataset):
+    root, datalist = dataset
+    write_nifti(root / "labels" / "b.nii.gz", label(), aff=np.diag([1.5, -1.5, 3.0, 1.0]))
+    masks = {"training": [{"label": "labels/a.nii.gz"}, {"label": "labels/b.nii.gz"}]}
+    problem = only_problem(find_problems(masks, root, 3, splits=("training",), require_image=False))
+    assert "RAS (1: training[0] labels/a.nii.gz); RPS (1: training[1] labels/b.nii.gz)" in problem

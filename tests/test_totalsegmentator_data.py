@@ -142,6 +142,8 @@ def test_both_tasks_land_in_one_label_space(tmp_path, sdist, modality, seg, task
         members = ["kidney_left", "kidney_right"] if name == "kidney" else [name]
         for member in members:
             expected[seg == by_name[member]] = k
+    if modality == "mr":  # the LPS source written in RAS voxel order
+        expected = expected[::-1, ::-1]
     for case, slab in datalist["slabs"].items():
         _, label = _load(root, f"labels/{case}.nii.gz")
         first = slab["first_slice"]
@@ -155,22 +157,43 @@ def test_both_tasks_land_in_one_label_space(tmp_path, sdist, modality, seg, task
 # ---------------------------------------------------------------------------------------------- slab grids
 @pytest.mark.parametrize("modality, affine, image", [("ct", CT_AFFINE, CT_IMAGE), ("mr", MR_AFFINE, MR_IMAGE)])
 def test_every_slab_voxel_keeps_its_world_position_and_value(tmp_path, sdist, modality, affine, image):
+    # every written voxel sits at the world position of the source voxel with the same value; the files are in RAS
+    # voxel order whatever the source's (the MR here is LPS: x and y flipped, no resampling)
     root = str(tmp_path / modality)
     write_reference_data(root, modality=modality, sdist=sdist)
-    slabs = _written(root)["slabs"]
+    written = _written(root)
+    assert written["orientation"] == "RAS"
+    flips = [a != b for a, b in zip(nib.aff2axcodes(affine), "RAS")]
+    assert flips == ([False, False, False] if modality == "ct" else [True, True, False])
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in (8, 7)], indexing="ij"), -1).reshape(-1, 2)
-    for case, slab in slabs.items():
+    for case, slab in written["slabs"].items():
         img, data = _load(root, f"images/{case}.nii.gz")
         first, n = slab["first_slice"], slab["num_slices"]
         assert data.shape == (8, 7, n) and data.dtype == np.int16
-        np.testing.assert_array_equal(data, image[:, :, first : first + n])
+        assert "".join(nib.aff2axcodes(img.affine)) == "RAS"
         for k in range(n):
             voxels = np.column_stack([grid, np.full(len(grid), k), np.ones(len(grid))])
             source = voxels.copy()
             source[:, 2] += first
+            for axis, size in ((0, 8), (1, 7)):
+                if flips[axis]:
+                    source[:, axis] = size - 1 - source[:, axis]
             np.testing.assert_allclose(voxels @ img.affine.T, source @ affine.T, atol=1e-4)
+            src = source[:, :3].astype(int)
+            np.testing.assert_array_equal(data[grid[:, 0], grid[:, 1], k], image[src[:, 0], src[:, 1], src[:, 2]])
         lbl, _ = _load(root, f"labels/{case}.nii.gz")
         np.testing.assert_allclose(lbl.affine, img.affine)
+
+
+def test_ct_and_mr_slices_share_one_voxel_order(tmp_path, sdist):
+    # the bundles work on voxel arrays: a CT and an MR slab must not be mirrored against each other
+    for modality in ("ct", "mr"):
+        write_reference_data(tmp_path / modality, modality=modality, sdist=sdist)
+    affines = [_load(str(tmp_path / m), f"images/{m}_slab_00.nii.gz")[0].affine for m in ("ct", "mr")]
+    for a in affines:
+        assert np.all(np.diag(a)[:3] > 0), a  # voxel axes point to R, A and S in both
+    check_datalist({"training": [{"image": f"{m}/images/{m}_slab_00.nii.gz", "label": f"{m}/labels/{m}_slab_00.nii.gz"}
+                                 for m in ("ct", "mr")]}, str(tmp_path), 8, splits=("training",))
 
 
 def test_slabs_tile_the_volume_without_gaps(tmp_path, sdist):
@@ -198,7 +221,7 @@ def test_datalist_splits_by_slab_with_modality_and_passes_the_check(tmp_path, sd
             assert entry == {"image": entry["image"], "label": entry["image"].replace("images/", "labels/"),
                              "modality": "mr"}
     assert datalist["channel_names"] == {"0": "MR"} and datalist["source"]["task"] == "total_mr"
-    assert datalist["source"]["orientation"] == "LPS"
+    assert datalist["source"]["orientation"] == "LPS" and datalist["orientation"] == "RAS"
     slab = datalist["slabs"]["mr_slab_05"]
     _, label = _load(root, "labels/mr_slab_05.nii.gz")
     assert slab["voxels"]["aorta"] == int((label == 7).sum()) and sum(slab["voxels"].values()) == label.size
@@ -300,6 +323,7 @@ def test_real_sdist_gives_all_seven_organs_in_ct_and_mr(tmp_path):
         write_reference_data(root, modality=modality, sdist=_REAL)
         datalist = _written(root)
         assert datalist["source"]["shape"] == list(shape) and datalist["source"]["orientation"] == axes
+        assert datalist["orientation"] == "RAS"
         totals = {name: sum(s["voxels"][name] for s in datalist["slabs"].values()) for name in SHARED}
         assert all(v > 0 for v in totals.values()), totals
         train = {name: sum(s["voxels"][name] for s in datalist["slabs"].values() if s["split"] == "training")

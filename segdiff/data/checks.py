@@ -168,6 +168,7 @@ class _Checker:
         self.num_classes = num_classes
         self.image_channels = image_channels
         self.problems: list[str] = []
+        self.orientations: dict[str, list[str]] = {}  # voxel axis codes ("RAS", "LPS", ...) -> entries
 
     def add(self, where: str, message: str) -> None:
         self.problems.append(f"{where}: {message}")
@@ -212,6 +213,35 @@ class _Checker:
                     f"{file}: expected finite intensities, found {bad_nan} NaN and {bad_inf} Inf voxel(s) "
                     f"in channel {c}",
                 )
+
+    def note_orientation(self, where: str, img: Any) -> None:
+        """Record the voxel axis codes of an image (from its affine) for :meth:`check_orientations`."""
+        import nibabel as nib
+
+        affine = np.asarray(getattr(img, "affine", np.eye(4)), dtype=float)
+        try:
+            codes = "".join(str(c) for c in nib.aff2axcodes(affine))
+        except Exception:  # a degenerate affine: the affine checks elsewhere report what they can
+            return
+        self.orientations.setdefault(codes, []).append(where)
+
+    def check_orientations(self) -> None:
+        """One voxel order for every image: the networks see arrays, so other orders arrive mirrored or turned."""
+        if len(self.orientations) < 2:
+            return
+        groups = sorted(self.orientations.items(), key=lambda kv: -len(kv[1]))
+
+        def listed(wheres: list[str]) -> str:
+            return ", ".join(wheres[:4]) + (f" and {len(wheres) - 4} more" if len(wheres) > 4 else "")
+
+        found = "; ".join(f"{codes} ({len(w)}: {listed(w)})" for codes, w in groups)
+        self.add(
+            "orientation",
+            f"expected every image in one voxel orientation, found {found}. The networks work on voxel arrays, so "
+            f"an image in another orientation reaches them mirrored or turned (a liver on the wrong side). Reorient "
+            f"the files to one orientation first, e.g. RAS with nibabel: nib.as_closest_canonical(nib.load(path))"
+            f".to_filename(path) for each image and its label (axes permuted and flipped, no resampling)",
+        )
 
     def check_label(self, where: str, lbl: Any, path: str) -> None:
         """Channel count and label values (integers in [0, num_classes)) of a label."""
@@ -316,7 +346,9 @@ def find_problems(
     what was found. Detected: a split missing or empty; an entry that is not an object or lacks a required
     key; a missing or unreadable file; NaN/Inf image intensities; a wrong image channel count; a label with
     more than one channel, non-integer values or values outside ``[0, num_classes)``; image/label spatial
-    shapes or affines (tolerance :data:`AFFINE_TOLERANCE`) that differ; with ``output_keys``, entries of one split
+    shapes or affines (tolerance :data:`AFFINE_TOLERANCE`) that differ; images in more than one voxel orientation
+    (axis codes from their affines, e.g. RAS next to LPS: the networks would see some of them mirrored); with
+    ``output_keys``, entries of one split
     whose files under one of those keys would give one output name (:func:`output_name_collisions`).
 
     Args:
@@ -402,6 +434,9 @@ def find_problems(
                 else:
                     checker.check_label(f"{where} {key!r}", data, paths[0])
                 loaded[key] = (data, paths)
+            oriented = loaded.get(image_key, loaded.get(label_key))  # a mask-only entry: its mask
+            if oriented is not None:
+                checker.note_orientation(f"{where} {oriented[1][0]}", oriented[0])
             if image_key in loaded and label_key in loaded:
                 img, image_paths = loaded[image_key]
                 lbl, label_paths = loaded[label_key]
@@ -416,6 +451,7 @@ def find_problems(
                     "these inputs to one output file; rename the files, or run them separately with different "
                     "output_dir",
                 )
+    checker.check_orientations()
     return checker.problems
 
 

@@ -13,7 +13,11 @@ the same for CT and MR::
 
     0 background, 1 liver, 2 spleen, 3 kidney (left + right), 4 stomach, 5 pancreas, 6 gallbladder, 7 aorta
 
-Every other class becomes background. Each volume is cut along its third voxel axis (axial for both files) into
+Every other class becomes background. Both volumes are first reoriented to RAS voxel order
+(``nibabel.as_closest_canonical``: axes permuted and flipped, no resampling, world positions kept), because the
+bundles work on voxel arrays: left as shipped, the MR's arrays are the CT's turned by 180 degrees in-plane, so a
+network trained on CT slices sees every MR slice with the liver on the wrong side. Each volume is then cut along its
+third voxel axis (axial, inferior to superior) into
 ``num_slabs`` contiguous slabs written as their own NIfTI pairs, each with the source affine whose origin is moved
 to the slab's first slice (world coordinates of every voxel are kept). The slab -> split assignment is the demo
 data's (:func:`segdiff.data.demo.demo_slab_splits`): for the default 6 slabs, validation = slab 3, test = slabs 1
@@ -386,8 +390,9 @@ def write_reference_data(
     5 pancreas, 6 gallbladder, 7 aorta), ``datalist.json`` (relative paths, entries with ``"modality"``, ``labels``,
     ``channel_names``, ``description``, ``licence``, ``reference``, ``source``: archive, files, task and the class
     ids merged into each class, and ``slabs``: first slice, thickness, split and voxels per class of each slab),
-    ``LICENSE.txt`` (TotalSegmentator's Apache-2.0 licence, from the sdist) and ``NOTICE.txt``. Slab ``i``'s voxel
-    (x, y, 0) is the source's voxel (x, y, first_slice): same world position. See the module docstring for the
+    ``LICENSE.txt`` (TotalSegmentator's Apache-2.0 licence, from the sdist) and ``NOTICE.txt``. Every file is in RAS
+    voxel order (datalist ``"orientation"``; the source's own is ``source.orientation``): slab ``i``'s voxel
+    (x, y, 0) is voxel (x, y, first_slice) of the source reoriented to RAS, at the same world position. See the module docstring for the
     slab -> split assignment.
 
     Args:
@@ -446,6 +451,10 @@ def write_reference_data(
     if axes[2] not in ("S", "I"):
         raise SdistError(f"{where}{source.image}: expected an axial third voxel axis (S or I), found {''.join(axes)}")
 
+    # one voxel order for every modality (see the module docstring); source_axes stays in the datalist
+    source_axes = axes
+    image, segmentation = nib.as_closest_canonical(image), nib.as_closest_canonical(segmentation)
+    axes = nib.aff2axcodes(image.affine)
     raw = np.asanyarray(segmentation.dataobj)
     label = map_labels(raw, class_ids)
     for k, (name, ids) in enumerate(class_ids.items(), start=1):
@@ -491,8 +500,9 @@ def write_reference_data(
             "task": source.task,
             "class_ids": class_ids,
             "shape": [int(s) for s in image.shape],
-            "orientation": "".join(axes),
+            "orientation": "".join(source_axes),
         },
+        "orientation": "".join(axes),
         "slabs": {},
         "training": [],
         "validation": [],
