@@ -189,6 +189,18 @@ def test_inference_refuses_an_unknown_modality_before_sampling(trained, tmp_path
     assert not tmp_path.joinpath("ct_mask0_image.nii.gz").exists()
 
 
+def test_inference_refuses_a_mask_in_another_voxel_orientation_than_the_training_images(trained, tmp_path):
+    root, paths, _, _ = trained
+    assert json.loads((root / "bundle" / "models" / "controlnet.json").read_text())["data"] == {"orientation": "RAS"}
+    mask = nib.load(str(root / "data" / "masks" / "ct_mask0.nii.gz")).as_reoriented(np.array([[0, 1], [1, -1], [2, 1]]))
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    mask.to_filename(str(folder / "flipped.nii.gz"))  # the same mask, its second axis stored P -> A
+    out = tmp_path / "out"
+    raises_with(f"{folder / 'flipped.nii.gz'} (RPS)", run_inference, paths, out, mask_dir=str(folder))
+    assert not out.exists()
+
+
 def test_inference_refuses_weights_trained_with_other_settings(trained, tmp_path):
     _, paths, _, _ = trained
     error = raises_with("prediction_type: trained \"v_prediction\", configured \"epsilon\"", run_inference, paths,

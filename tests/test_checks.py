@@ -421,3 +421,17 @@ def test_mask_only_entries_are_checked_for_orientation_by_their_masks(dataset):
     masks = {"training": [{"label": "labels/a.nii.gz"}, {"label": "labels/b.nii.gz"}]}
     problem = only_problem(find_problems(masks, root, 3, splits=("training",), require_image=False))
     assert "RAS (1: training[0] labels/a.nii.gz); RPS (1: training[1] labels/b.nii.gz)" in problem
+
+
+def test_data_orientation_reads_the_headers_and_png_has_none(dataset, tmp_path):
+    from segdiff.data.checks import data_orientation, file_orientation
+
+    root, datalist = dataset
+    entries = [{"image": str(root / e["image"])} for e in datalist["training"] + datalist["validation"]]
+    assert data_orientation(entries) == "RAS" == file_orientation(entries[0]["image"])
+    write_nifti(root / "images" / "c.nii.gz", image(), aff=np.diag([-1.5, 1.5, 3.0, 1.0]))
+    assert file_orientation(entries[2]["image"]) == "LAS" and data_orientation(entries) == "RAS"  # the most common
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "slice.png")
+    assert file_orientation(tmp_path / "slice.png") is None and file_orientation(tmp_path / "gone.nii.gz") is None
+    assert data_orientation([{"image": str(tmp_path / "slice.png")}]) is None and data_orientation([]) is None
+    assert data_orientation([{"image": [entries[0]["image"], str(tmp_path / "slice.png")]}]) == "RAS"  # first channel

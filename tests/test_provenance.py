@@ -320,3 +320,40 @@ def test_euler_is_refused_for_a_ddpm_model_naming_the_samplers_that_fit(trained)
     raises_with("'sampler' euler samples rectified-flow models, but 'diffusion' is ddpm: use one of ddpm, ddim, dpm_solver", run_bundle, "mask_to_image",
                 ["inference.yaml"], **settings(trained / "data", trained / "m2i", sampler="euler",
                                                output_dir=str(trained / "m2i" / "euler")))
+
+
+@pytest.mark.parametrize("bundle, folder, key", [("mask_to_image", "m2i", "label"), ("image_to_mask", "i2m", "image")])
+def test_inputs_in_another_voxel_orientation_than_training_are_refused_before_sampling(trained, tmp_path, bundle,
+                                                                                        folder, key):
+    # the network sees voxel arrays: a case stored with its first axis flipped would reach it mirrored
+    from segdiff.data.checks import file_orientation
+
+    codes = read_record(trained / folder / "models" / "model.pt")["data"]["orientation"]
+    assert codes == file_orientation(trained / "data" / "images" / "case0.nii.gz") and len(codes) == 3
+    data = json.loads((trained / "data" / "datalist.json").read_text())
+    entry = data["test"][0]
+    for field in ("image", "label"):
+        flipped = nib.load(str(trained / "data" / entry[field])).as_reoriented(np.array([[0, -1], [1, 1], [2, 1]]))
+        entry[field] = str(tmp_path / field / "flipped.nii.gz")
+        (tmp_path / field).mkdir()
+        flipped.to_filename(entry[field])
+    assert file_orientation(entry[key]) not in (None, codes)
+    data["test"] = [entry]
+    (tmp_path / "datalist.json").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    error = raises_with(f"trained on images in {codes} voxel orientation", run_bundle, bundle, ["inference.yaml"],
+                        **settings(tmp_path, trained / folder, output_dir=str(out)))
+    assert isinstance(error, ModelMismatchError)
+    assert f"{entry[key]} ({file_orientation(entry[key])})" in str(error) and "nib.as_closest_canonical" in str(error)
+    assert not out.exists()  # nothing sampled, nothing written
+
+
+def test_weights_without_a_recorded_orientation_are_not_checked(tmp_path):
+    weights = tmp_path / "model.pt"
+    save_weights({"w": torch.zeros(1)}, weights, ModelRecord({"a": 1}).build(torch.nn.Linear(1, 1)))
+    image = tmp_path / "lps.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.diag([-1.0, -1.0, 1.0, 1.0])), str(image))
+    ModelRecord({"a": 1}, weights_path=weights).check_orientation([{"image": str(image)}], "image")  # no error
+    save_weights({"w": torch.zeros(1)}, weights, ModelRecord({"a": 1}, data_orientation="RAS").build(torch.nn.Linear(1, 1)))
+    with pytest.raises(ModelMismatchError, match=r"1 input\(s\) under 'image' are in another: .*lps.nii.gz \(LPS\)"):
+        ModelRecord({"a": 1}, weights_path=weights).check_orientation([{"image": str(image)}], "image")

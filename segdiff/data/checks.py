@@ -25,6 +25,8 @@ from segdiff.data.naming import output_case_name
 from segdiff.errors import OutputCollisionError, SegdiffError
 
 __all__ = [
+    "file_orientation",
+    "data_orientation",
     "AFFINE_TOLERANCE",
     "MAX_REPORTED_VALUES",
     "OUTPUT_KEYS",
@@ -53,6 +55,37 @@ class DataCheckError(SegdiffError, ValueError):
         lines = [f"{datalist_name}: {len(self.problems)} problem(s) found:"]
         lines += [f"  - {p}" for p in self.problems]
         super().__init__("\n".join(lines))
+
+
+def file_orientation(path: str | os.PathLike) -> str | None:
+    """Voxel axis codes of an image file from its header (e.g. ``"RAS"``: the first voxel axis points to the
+    subject's right, ...); None for a file nibabel cannot read or that has no affine (PNG)."""
+    import nibabel as nib
+
+    try:
+        affine = nib.load(os.fspath(path)).affine
+        return None if affine is None else "".join(str(c) for c in nib.aff2axcodes(affine))
+    except Exception:  # unreadable or no affine: the data check reports what matters
+        return None
+
+
+def _first_path(value: Any) -> str | None:
+    value = value[0] if isinstance(value, (list, tuple)) and value else value
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+
+
+def data_orientation(entries: Iterable[Any], key: str = "image") -> str | None:
+    """The voxel orientation of the files under ``key`` of ``entries`` (paths as the run reads them; the first file
+    of a per-channel list), recorded with trained weights so that inference can refuse inputs in another one. The
+    data check refuses entries that mix orientations; should they mix anyway, the most common one is returned.
+    None when no file has an affine (PNG) or ``entries`` is empty."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        path = _first_path(entry.get(key) if isinstance(entry, Mapping) else entry)
+        codes = None if path is None else file_orientation(path)
+        if codes is not None:
+            counts[codes] = counts.get(codes, 0) + 1
+    return max(counts, key=counts.get) if counts else None
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -253,7 +253,15 @@ class TrainingCheckpoint:
         return info
 
     def _record(self, engine: Engine) -> dict | None:
-        return None if self.record is None else self.record.build(self.export_model, self._training_info(engine))
+        if self.record is None:
+            return None
+        if self.record.data_orientation is None:  # the voxel order of the images this trainer reads, found once
+            from segdiff.data.checks import data_orientation
+
+            entries = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "data", None)
+            if isinstance(entries, Sequence):
+                self.record.data_orientation = data_orientation(entries)
+        return self.record.build(self.export_model, self._training_info(engine))
 
     def _write_model(self, engine: Engine) -> None:
         from segdiff.engine.provenance import save_weights

@@ -262,6 +262,9 @@ class ModelRecord:
         bundle: the bundle's name, recorded (and checked: weights of one bundle are refused by another).
         objective: training-only choices (``loss_weighting``, ``min_snr_gamma``, ``timestep_sampling``): recorded
             in training configs, never checked (sampling does not depend on them).
+        data_orientation: the voxel orientation of the training images, recorded as ``data.orientation``;
+            inference refuses inputs in another one (:meth:`check_orientation`). None: the checkpoint handler
+            fills it in from its trainer's dataset (:func:`segdiff.data.checks.data_orientation`).
     """
 
     def __init__(
@@ -271,8 +274,10 @@ class ModelRecord:
         weights_path: str | os.PathLike | None = None,
         bundle: str | None = None,
         objective: Mapping[str, Any] | None = None,
+        data_orientation: str | None = None,
     ) -> None:
         self.settings = _plain(dict(settings))
+        self.data_orientation = None if data_orientation is None else str(data_orientation)
         self.objective = None if objective is None else _plain(dict(objective))
         if bundle is not None:
             self.settings = {"bundle": bundle, **self.settings}
@@ -293,6 +298,7 @@ class ModelRecord:
             "network": describe_network(network),
             "label_names": self.label_names,
             "objective": copy.deepcopy(self.objective),
+            **({"data": {"orientation": self.data_orientation}} if self.data_orientation else {}),
             "versions": {
                 "segdiff": __version__,
                 "monai": monai.__version__,
@@ -378,6 +384,33 @@ class ModelRecord:
                 )
         self._verified = (str(path), _mtime(path))
         return record
+
+    def check_orientation(self, entries: Sequence[Any], key: str, weights_path: str | os.PathLike | None = None) -> None:
+        """Refuse inputs whose voxel orientation differs from the training images' (the record's
+        ``data.orientation``): the network sees voxel arrays, so they would reach it mirrored or turned. Weights
+        without that record entry (older ones, 2D PNG data) are not checked."""
+        from segdiff.data.checks import _first_path, file_orientation
+
+        path = Path(weights_path) if weights_path is not None else self.weights_path
+        record = read_record(path) if path is not None and path.is_file() else None
+        trained = (record or {}).get("data", {}).get("orientation") if isinstance(record, Mapping) else None
+        if not trained:
+            return
+        wrong = []
+        for entry in entries:
+            file = _first_path(entry.get(key) if isinstance(entry, Mapping) else entry)
+            codes = None if file is None else file_orientation(file)
+            if codes is not None and codes != trained:
+                wrong.append(f"{file} ({codes})")
+        if wrong:
+            listed = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+            raise ModelMismatchError(
+                f"{record_path(path)} says the network was trained on images in {trained} voxel orientation; "
+                f"{len(wrong)} input(s) under {key!r} are in another: {listed}. The network sees voxel arrays, so "
+                f"these would reach it mirrored or turned. Reorient them to {trained} first (axes permuted and "
+                f"flipped, no resampling), e.g. for RAS with nibabel: nib.as_closest_canonical(nib.load(path))"
+                f".to_filename(path)."
+            )
 
     def verify_once(self, network: torch.nn.Module | None = None) -> None:
         """:meth:`verify` unless the same weights file was already verified (the sampler calls this for MONAI Label,
