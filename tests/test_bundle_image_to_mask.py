@@ -292,6 +292,7 @@ def test_unet_baseline_is_the_condition_encoders_network_and_trains_for_max_epoc
     record = json.loads((models / "baseline.json").read_text())
     assert record["network"]["class"] == "monai.networks.nets.unet.UNet"
     assert record["network"]["arguments"]["channels"] == [8, 8] and record["network"]["arguments"]["strides"] == [2]
+    assert record["data"] == {"orientation": "RAS"}  # inference_baseline.yaml refuses images stored otherwise
     # the same state dict layout as the condition encoder inside the diffusion model
     weights = torch.load(models / "baseline.pt", weights_only=True)
     from monai.bundle import ConfigParser

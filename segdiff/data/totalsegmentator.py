@@ -392,8 +392,8 @@ def write_reference_data(
     ids merged into each class, and ``slabs``: first slice, thickness, split and voxels per class of each slab),
     ``LICENSE.txt`` (TotalSegmentator's Apache-2.0 licence, from the sdist) and ``NOTICE.txt``. Every file is in RAS
     voxel order (datalist ``"orientation"``; the source's own is ``source.orientation``): slab ``i``'s voxel
-    (x, y, 0) is voxel (x, y, first_slice) of the source reoriented to RAS, at the same world position. See the module docstring for the
-    slab -> split assignment.
+    (x, y, 0) is voxel (x, y, first_slice) of the source reoriented to RAS, at the same world position. See the
+    module docstring for the slab -> split assignment.
 
     Args:
         folder: folder to write into.
