@@ -9,7 +9,7 @@ reused for the second model): the Dice of its segmentation of each generated ima
 - pixel: mask_to_image with the CPU demo preset (``configs/demo_cpu.yaml``: 64 x 76 slices, 600 steps), as the README
   demo trains it;
 - latent: the three stages of latent_mask_to_image on the same slices (one modality, ``t1``; the ControlNet trained on
-  masked entries only, ``target_mix_ratio 0``), at ``--latent-image-size`` (each axis a multiple of 16) and the
+  masked entries only: ``target_modality none``, ``target_mix_ratio 0``), at ``--latent-image-size`` (each axis a multiple of 16) and the
   iterations given.
 
 Seconds per slice: the wall time of each bundle's ``inference.yaml`` command (model loading and file writing included)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         ("controlnet", "train_controlnet.yaml", {"max_epochs": args.controlnet_epochs, "warmup_steps": 50,
                                                  "val_interval": 50, "num_classes": num_classes,
                                                  "ema_momentum": args.ema_momentum,
-                                                 "target_mix_ratio": 0.0}),
+                                                 "target_modality": "none", "target_mix_ratio": 0.0}),
     )
     for name, config, settings in stages:
         if not (latent / "models" / f"{name}.pt").exists():

@@ -384,3 +384,34 @@ def test_a_target_mix_ratio_outside_zero_to_one_is_refused_naming_the_key(traine
     raises_with("'target_mix_ratio' must be a number in [0.0, 1.0]; got 1.5", run_bundle, BUNDLE,
                 ["train_controlnet.yaml"], run_id="training", max_epochs=1, **paths, **COMMON, **LATENT,
                 target_mix_ratio=1.5)
+
+
+def test_target_modality_null_trains_the_controlnet_on_masked_entries_only(trained, tmp_path):
+    root, paths, _, _ = trained
+    datalist = json.loads((root / "data" / "datalist.json").read_text())
+    for split in ("training", "validation"):  # a one-source set: CT entries only, every one with its mask
+        datalist[split] = [e for e in datalist[split] if e["modality"] == "ct"]
+    ct_only = tmp_path / "ct_only.json"
+    ct_only.write_text(json.dumps(datalist))
+    copy = tmp_path / "bundle"
+    (copy / "models").mkdir(parents=True)
+    for name in ("autoencoder", "diffusion"):
+        for suffix in (".pt", ".json"):
+            shutil.copy(root / "bundle" / "models" / f"{name}{suffix}", copy / "models")
+    settings = {**paths, "bundle_root": str(copy), "datalist": str(ct_only), **COMMON, **LATENT, **TRAINING,
+                **CONTROLNET, "target_modality": "none"}  # the command line's null (monai.bundle drops a None)
+    raises_with("'training entries of target_modality 'none'' must be at least 1 (target_mix_ratio > 0 draws them; "
+                "with target_modality null or none set target_mix_ratio 0); got 0", run_bundle, BUNDLE,
+                ["train_controlnet.yaml"], run_id="training", max_epochs=1, **settings)
+    assert not (copy / "models" / "controlnet.pt").exists()
+    stage = workflow("train_controlnet.yaml", max_epochs=1, **{**settings, "target_modality": None,
+                                                               "target_mix_ratio": 0.0})
+    stage.initialize()
+    entries = stage.parser.get_parsed_content("train#dataset#data")
+    assert len(entries) == 2 and all("label" in e for e in entries)  # every mask kept
+    assert stage.parser.get_parsed_content("train#sampler").weights.tolist() == pytest.approx([0.5, 0.5])
+    assert stage.parser.get_parsed_content("grid_modality") == "ct"  # the sample grids: the first modality
+    stage.run()
+    stage.finalize()
+    record = json.loads((copy / "models" / "controlnet.json").read_text())
+    assert record["objective"]["target_modality"] is None and record["objective"]["target_mix_ratio"] == 0.0
