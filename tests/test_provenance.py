@@ -346,6 +346,17 @@ def test_inputs_in_another_voxel_orientation_than_training_are_refused_before_sa
     assert isinstance(error, ModelMismatchError)
     assert f"{entry[key]} ({file_orientation(entry[key])})" in str(error) and "nib.as_closest_canonical" in str(error)
     assert not out.exists()  # nothing sampled, nothing written
+    # MONAI Label's /infer skips initialize and runs the config's preprocessing: the guard there refuses it too
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "inference.yaml"))
+    parser.update(settings(tmp_path, trained / folder, output_dir=str(out)))
+    preprocessing = parser.get_parsed_content("preprocessing")
+    raises_with(f"under {key!r} are in another: {entry[key]} ({file_orientation(entry[key])})", preprocessing,
+                {key: entry[key]})
+    original = trained / "data" / json.loads((trained / "data" / "datalist.json").read_text())["test"][0][key]
+    assert preprocessing({key: str(original)})[key].shape[1:] == nib.load(str(original)).shape  # as trained: passes
 
 
 def test_weights_without_a_recorded_orientation_are_not_checked(tmp_path):
@@ -357,3 +368,21 @@ def test_weights_without_a_recorded_orientation_are_not_checked(tmp_path):
     save_weights({"w": torch.zeros(1)}, weights, ModelRecord({"a": 1}, data_orientation="RAS").build(torch.nn.Linear(1, 1)))
     with pytest.raises(ModelMismatchError, match=r"1 input\(s\) under 'image' are in another: .*lps.nii.gz \(LPS\)"):
         ModelRecord({"a": 1}, weights_path=weights).check_orientation([{"image": str(image)}], "image")
+
+
+def test_the_orientation_guard_transform_refuses_loaded_images_in_another_orientation(tmp_path):
+    from monai.data import MetaTensor
+
+    from segdiff.transforms import RequireOrientationd
+
+    weights = tmp_path / "model.pt"
+    guard = RequireOrientationd("image", ModelRecord({"a": 1}, weights_path=weights))
+    lps = MetaTensor(torch.zeros(1, 2, 2, 2), affine=torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0])),
+                     meta={"filename_or_obj": "/data/lps.nii.gz"})
+    assert guard({"image": lps})["image"] is lps  # no weights yet: nothing to check against
+    save_weights({"w": torch.zeros(1)}, weights, ModelRecord({"a": 1}, data_orientation="RAS").build(torch.nn.Linear(1, 1)))
+    with pytest.raises(ModelMismatchError, match=r"trained on images in RAS .* under 'image' are in another: /data/lps.nii.gz \(LPS\)"):
+        guard({"image": lps})
+    ras = MetaTensor(torch.zeros(1, 2, 2, 2), affine=torch.diag(torch.tensor([2.0, 1.0, 3.0, 1.0])))
+    assert guard({"image": ras})["image"] is ras  # spacing does not matter, only the axis order and direction
+    assert guard({"image": torch.zeros(1, 2, 2)})["image"].shape == (1, 2, 2)  # no affine (PNG): unchecked

@@ -249,14 +249,11 @@ class _Checker:
 
     def note_orientation(self, where: str, img: Any) -> None:
         """Record the voxel axis codes of an image (from its affine) for :meth:`check_orientations`."""
-        import nibabel as nib
+        from segdiff.transforms.orientation import voxel_orientation
 
-        affine = np.asarray(getattr(img, "affine", np.eye(4)), dtype=float)
-        try:
-            codes = "".join(str(c) for c in nib.aff2axcodes(affine))
-        except Exception:  # a degenerate affine: the affine checks elsewhere report what they can
-            return
-        self.orientations.setdefault(codes, []).append(where)
+        codes = voxel_orientation(getattr(img, "affine", np.eye(4)))
+        if codes is not None:  # a degenerate affine: the affine checks elsewhere report what they can
+            self.orientations.setdefault(codes, []).append(where)
 
     def check_orientations(self) -> None:
         """One voxel order for every image: the networks see arrays, so other orders arrive mirrored or turned."""

@@ -385,15 +385,33 @@ class ModelRecord:
         self._verified = (str(path), _mtime(path))
         return record
 
+    def trained_orientation(self, weights_path: str | os.PathLike | None = None) -> str | None:
+        """The voxel orientation of the training images (the record's ``data.orientation``, e.g. ``"RAS"``); None
+        when the weights or that entry are missing (older weights, 2D PNG data: not checked)."""
+        path = Path(weights_path) if weights_path is not None else self.weights_path
+        record = read_record(path) if path is not None and path.is_file() else None
+        return (record or {}).get("data", {}).get("orientation") if isinstance(record, Mapping) else None
+
+    def orientation_error(self, wrong: Sequence[str], key: str, weights_path: str | os.PathLike | None = None):
+        """The refusal for inputs ``wrong`` (``"file (codes)"``) under ``key`` in another orientation than trained."""
+        path = Path(weights_path) if weights_path is not None else self.weights_path
+        trained = self.trained_orientation(path)
+        listed = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        return ModelMismatchError(
+            f"{record_path(path)} says the network was trained on images in {trained} voxel orientation; "
+            f"{len(wrong)} input(s) under {key!r} are in another: {listed}. The network sees voxel arrays, so "
+            f"these would reach it mirrored or turned. Reorient them to {trained} first (axes permuted and "
+            f"flipped, no resampling), e.g. for RAS with nibabel: nib.as_closest_canonical(nib.load(path))"
+            f".to_filename(path)."
+        )
+
     def check_orientation(self, entries: Sequence[Any], key: str, weights_path: str | os.PathLike | None = None) -> None:
         """Refuse inputs whose voxel orientation differs from the training images' (the record's
         ``data.orientation``): the network sees voxel arrays, so they would reach it mirrored or turned. Weights
         without that record entry (older ones, 2D PNG data) are not checked."""
         from segdiff.data.checks import _first_path, file_orientation
 
-        path = Path(weights_path) if weights_path is not None else self.weights_path
-        record = read_record(path) if path is not None and path.is_file() else None
-        trained = (record or {}).get("data", {}).get("orientation") if isinstance(record, Mapping) else None
+        trained = self.trained_orientation(weights_path)
         if not trained:
             return
         wrong = []
@@ -403,14 +421,7 @@ class ModelRecord:
             if codes is not None and codes != trained:
                 wrong.append(f"{file} ({codes})")
         if wrong:
-            listed = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-            raise ModelMismatchError(
-                f"{record_path(path)} says the network was trained on images in {trained} voxel orientation; "
-                f"{len(wrong)} input(s) under {key!r} are in another: {listed}. The network sees voxel arrays, so "
-                f"these would reach it mirrored or turned. Reorient them to {trained} first (axes permuted and "
-                f"flipped, no resampling), e.g. for RAS with nibabel: nib.as_closest_canonical(nib.load(path))"
-                f".to_filename(path)."
-            )
+            raise self.orientation_error(wrong, key, weights_path)
 
     def verify_once(self, network: torch.nn.Module | None = None) -> None:
         """:meth:`verify` unless the same weights file was already verified (the sampler calls this for MONAI Label,

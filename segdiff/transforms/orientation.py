@@ -1,0 +1,48 @@
+"""A guard in the inference pipelines: loaded images must lie in the voxel orientation the weights were trained on.
+
+The configs' ``initialize`` checks every input file before sampling (:meth:`segdiff.engine.ModelRecord.
+check_orientation`); MONAI Label's ``/infer`` and the ``evaluate.yaml`` configs skip ``initialize`` but run the
+``preprocessing`` chain, so this transform repeats the check there, on each loaded image's affine."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+
+def voxel_orientation(affine: Any) -> str | None:
+    """Axis codes of a voxel-to-world affine (``"RAS"``: the first voxel axis points right, ...); None if degenerate."""
+    import nibabel as nib
+
+    try:
+        return "".join(str(c) for c in nib.aff2axcodes(np.asarray(affine, dtype=float)))
+    except Exception:  # a degenerate affine: the data checks report what they can
+        return None
+
+
+class RequireOrientationd(MapTransform):
+    """Refuse an image under ``keys`` whose affine gives another voxel orientation than ``record``'s training images
+    (``record``: a :class:`segdiff.engine.ModelRecord`; its weights are read at each call, so weights written after
+    the pipeline was built are checked too). Images without an affine (plain arrays, PNG) and weights without the
+    record entry pass unchanged."""
+
+    def __init__(self, keys: KeysCollection, record: Any, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.record = record
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        trained = self.record.trained_orientation()
+        if not trained:
+            return d
+        for key in self.key_iterator(d):
+            affine = getattr(d[key], "affine", None)
+            codes = None if affine is None else voxel_orientation(affine)
+            if codes is not None and codes != trained:
+                name = getattr(d[key], "meta", {}).get("filename_or_obj", "the loaded image")
+                raise self.record.orientation_error([f"{name} ({codes})"], str(key))
+        return d
