@@ -182,28 +182,11 @@ def image_quality(sets: dict[str, list[dict]], reference: list[dict], segmenter_
     return report
 
 
-def scaled(path: str) -> np.ndarray:
-    """A NIfTI image as (1, H, W, D) in [-1, 1] (0.5th..99.5th percentiles), for the figure."""
-    import nibabel as nib
-
-    a = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    lo, hi = np.percentile(a, [0.5, 99.5])
-    return np.clip((a - lo) / max(hi - lo, 1e-6) * 2 - 1, -1, 1)[None]
-
-
-def label(path: str) -> np.ndarray:
-    import nibabel as nib
-
-    return np.asarray(nib.load(path).dataobj, dtype=np.float32)[None]
-
-
 def save_figure(rows: list[tuple[str, str, str, str]], path: Path) -> None:
     """Rows of (CT image, CT mask, synthetic MR, real MR): middle axial slices."""
-    from segdiff.visualize import make_panel, save_png
+    from segdiff.visualize import save_file_panel
 
-    columns = [[scaled(r[0]) for r in rows], [label(r[1]) for r in rows], [scaled(r[2]) for r in rows],
-               [scaled(r[3]) for r in rows]]
-    save_png(make_panel(columns, ["image", "label", "image", "image"]), str(path), scale=2)
+    save_file_panel(rows, ["image", "label", "image", "image"], str(path))
 
 
 def hardware() -> str:

@@ -47,6 +47,7 @@ def markdown(report: dict) -> str:
         "",
         f"Written by `scripts/benchmark_pixel_vs_latent.py` ({report['command']}). Hardware: {report['hardware']}.",
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "Faithfulness: Dice of one reference UNet segmenter (mask_to_image's `evaluate.yaml`, trained once on the "
         "real training slabs) on each generated image against its mask; the real test images give the ceiling. "
         "Seconds per slice: wall time of the `inference.yaml` command over the test slices (model loading and "
@@ -59,6 +60,8 @@ def markdown(report: dict) -> str:
         dice = " | ".join(f"{row['dice'][c]:.3f}" if row["dice"].get(c) is not None else "n/a" for c in classes)
         speed = "" if row.get("seconds_per_slice") is None else f"{row['seconds_per_slice']:.3f}"
         lines.append(f"| {row['model']} | {row['training']} | **{row['mean_dice']:.3f}** | {dice} | {speed} |")
+    lines += ["", "![mask | pixel-space sample | latent sample | real image (middle slice of each test slab)]"
+              "(pixel_vs_latent_demo.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -76,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controlnet-epochs", type=int, default=150)
     parser.add_argument("--ema-momentum", type=float, default=2.0e-2,
                         help="EMA of the latent UNet and ControlNet (the bundle's 1e-3 is too slow for 600 steps)")
+    parser.add_argument("--note", default="", help="a sentence for the report, e.g. what else ran on the machine")
     parser.add_argument("--latent-image-size", type=int, nargs=2, default=[64, 80])
     args = parser.parse_args(argv)
 
     from segdiff.data.demo import write_demo_data
+    from segdiff.visualize import save_file_panel
 
     work = args.work_dir.resolve()
     data, logs = work / "data", work / "logs"
@@ -158,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     report = {"command": "python scripts/benchmark_pixel_vs_latent.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "hardware": hardware(), "classes": classes, "rows": rows, "timings_seconds": timings,
-              "test_slices": test_slices, "settings": {k: str(v) for k, v in vars(args).items()}}
+              "test_slices": test_slices, "note": args.note, "settings": {k: str(v) for k, v in vars(args).items()}}
     args.report_dir.mkdir(parents=True, exist_ok=True)
+    figure_rows = []
+    for entry in json.loads((data / "datalist.json").read_text())["test"]:
+        name = Path(entry["label"]).name[: -len(".nii.gz")]
+        figure_rows.append((str(data / entry["label"]), str(pixel / "outputs" / "generated" / f"{name}_image.nii.gz"),
+                            str(generated / f"{name}_image.nii.gz"), str(data / entry["image"])))
+    save_file_panel(figure_rows, ["label", "image", "image", "image"], str(args.report_dir / "pixel_vs_latent_demo.png"))
     (args.report_dir / "pixel_vs_latent_demo.json").write_text(json.dumps(report, indent=1))
     (args.report_dir / "pixel_vs_latent_demo.md").write_text(markdown(report))
     print(markdown(report))

@@ -89,3 +89,22 @@ def save_png(panel: np.ndarray, path: str, scale: int = 1) -> None:
     if scale > 1:
         picture = picture.resize((panel.shape[1] * scale, panel.shape[0] * scale), Image.NEAREST)
     picture.save(path)
+
+
+def load_for_panel(path: str, kind: str) -> np.ndarray:
+    """A NIfTI file as ``(1, *spatial)`` for :func:`render`: an ``"image"`` scaled to [-1, 1] between its 0.5th and
+    99.5th percentiles, a ``"label"`` map as stored."""
+    import nibabel as nib
+
+    a = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    if kind == "label":
+        return a[None]
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    return np.clip((a - lo) / max(hi - lo, 1e-6) * 2 - 1, -1, 1)[None]
+
+
+def save_file_panel(rows: Sequence[Sequence[str]], kinds: Sequence[str], path: str, slice_axis: int = 2,
+                    scale: int = 2) -> None:
+    """A PNG of NIfTI files: one row per case, one column per kind (``"image"`` or ``"label"``), middle slices."""
+    columns = [[load_for_panel(row[k], kind) for row in rows] for k, kind in enumerate(kinds)]
+    save_png(make_panel(columns, kinds, slice_axis), path, scale=scale)

@@ -781,6 +781,25 @@ def test_save_png_writes_the_panel_upscaled(tmp_path):
         assert np.array_equal(np.asarray(picture.convert("RGB"))[::3, ::3], panel)
 
 
+def test_file_panel_scales_images_between_percentiles_and_keeps_labels(tmp_path):
+    import nibabel as nib
+
+    from segdiff.visualize import load_for_panel, save_file_panel
+
+    ramp = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)  # 0..999: percentiles 0.5 -> 4.995, 99.5 -> 994.005
+    nib.save(nib.Nifti1Image(ramp, np.eye(4)), str(tmp_path / "image.nii.gz"))
+    labels = (ramp % 3).astype(np.uint8)
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "label.nii.gz"))
+    image = load_for_panel(str(tmp_path / "image.nii.gz"), "image")
+    assert image.shape == (1, 10, 10, 10) and image.min() == -1.0 and image.max() == 1.0
+    assert image[0, 5, 0, 0] == pytest.approx((500 - 4.995) / (994.005 - 4.995) * 2 - 1, abs=1e-5)
+    np.testing.assert_array_equal(load_for_panel(str(tmp_path / "label.nii.gz"), "label")[0], labels)
+    rows = [(str(tmp_path / "label.nii.gz"), str(tmp_path / "image.nii.gz"))] * 2
+    save_file_panel(rows, ["label", "image"], str(tmp_path / "panel.png"), scale=1)
+    with Image.open(tmp_path / "panel.png") as picture:
+        assert picture.size == (2 * (10 + 2), 2 * (10 + 2))  # two rows, two columns, 2-pixel gaps
+
+
 def test_overwrite_starts_a_new_run_over_an_earlier_checkpoint(tmp_path):
     engine, _, data = train_with_checkpoint(tmp_path, max_epochs=2)
     engine.run(data, max_epochs=2)
