@@ -302,7 +302,7 @@ def measure_size(settings: dict, size: int, progress_path: Path | None = None) -
                          config["network_channels"])
         network = parser.get_parsed_content("network")
         inferer = parser.get_parsed_content("inferer")
-        encode = parser.get_parsed_content("preprocessing#transforms#1")  # the bundle's EncodeMaskd
+        encode = parser.get_parsed_content("encode_mask")  # the bundle's EncodeMaskd
         sampler = inferer.sampler
         latent_shape = list(sampler.latent_shape([size] * 3))
         roi = None if sampler.decoder_inferer is None else list(sampler.decoder_inferer.roi_size)

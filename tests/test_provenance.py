@@ -376,7 +376,7 @@ def test_the_orientation_guard_transform_refuses_loaded_images_in_another_orient
     from segdiff.transforms import RequireOrientationd
 
     weights = tmp_path / "model.pt"
-    guard = RequireOrientationd("image", ModelRecord({"a": 1}, weights_path=weights))
+    guard = RequireOrientationd("image", weights)
     lps = MetaTensor(torch.zeros(1, 2, 2, 2), affine=torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0])),
                      meta={"filename_or_obj": "/data/lps.nii.gz"})
     assert guard({"image": lps})["image"] is lps  # no weights yet: nothing to check against

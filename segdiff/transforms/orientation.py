@@ -6,6 +6,7 @@ check_orientation`); MONAI Label's ``/infer`` and the ``evaluate.yaml`` configs 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -25,14 +26,16 @@ def voxel_orientation(affine: Any) -> str | None:
 
 
 class RequireOrientationd(MapTransform):
-    """Refuse an image under ``keys`` whose affine gives another voxel orientation than ``record``'s training images
-    (``record``: a :class:`segdiff.engine.ModelRecord`; its weights are read at each call, so weights written after
-    the pipeline was built are checked too). Images without an affine (plain arrays, PNG) and weights without the
-    record entry pass unchanged."""
+    """Refuse an image under ``keys`` whose affine gives another voxel orientation than the training images of the
+    weights at ``weights_path`` (their record's ``data.orientation``, read at each call, so weights written after the
+    pipeline was built are checked too). Images without an affine (plain arrays, PNG), and weights that are missing
+    or have no such record entry, pass unchanged."""
 
-    def __init__(self, keys: KeysCollection, record: Any, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, weights_path: str | os.PathLike, allow_missing_keys: bool = False) -> None:
+        from segdiff.engine.provenance import ModelRecord
+
         super().__init__(keys, allow_missing_keys)
-        self.record = record
+        self.record = ModelRecord({}, weights_path=weights_path)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
