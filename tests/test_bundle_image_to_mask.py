@@ -252,6 +252,24 @@ def test_condition_encoder_with_x0_loss_trains_segments_as_ensemble_and_as_encod
     assert main(command) == 0 and (root / "network.pt2").exists()
 
 
+def test_encoder_features_train_segment_and_are_refused_by_a_config_without_them(tmp_path):
+    write_dataset(tmp_path / "data")
+    data, root = tmp_path / "data", tmp_path / "b"
+    model = {"condition_encoder": True, "encoder_features": True, **TINY_ENCODER}
+    train(data, root, max_epochs=3, **model)  # the UNet's zeroed output layer passes no gradient in the first step
+    record = json.loads((root / "models" / "model.json").read_text())
+    assert record["settings"]["encoder_features"] is True
+    weights = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert {k.split(".")[0] for k in weights} == {"diffusion", "encoder", "feature_projections"}
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith("feature_projections."))  # trained
+    run_bundle(BUNDLE, ["inference.yaml"], **settings(data, root, num_members=2, num_inference_steps=2, **model))
+    check_outputs(root / "outputs" / "segmentations", data, "case4")
+    error = raises_with("encoder_features: trained true, configured false", run_bundle, BUNDLE, ["inference.yaml"],
+                        **settings(data, root, output_dir=str(root / "plain"), num_inference_steps=2,
+                                   **{**model, "encoder_features": False}))
+    assert "--encoder_features True" in str(error)
+
+
 def test_recycling_with_sample_prediction_trains_and_segments_on_the_image_grid(tmp_path):
     write_dataset(tmp_path / "data")
     data, root = tmp_path / "data", tmp_path / "b"
@@ -272,6 +290,7 @@ def test_recycling_with_sample_prediction_trains_and_segments_on_the_image_grid(
         ({"recycling": True}, "needs 'prediction_type' sample with 'diffusion' ddpm; got prediction_type 'v_prediction'"),
         ({"encoder_stop_gradient": True, "condition_encoder": False}, "'encoder_stop_gradient' true needs 'condition_encoder' true"),
         ({"condition_encoder": "false"}, "'condition_encoder' must be True or False, got 'false'"),
+        ({"encoder_features": True, "condition_encoder": False}, "'encoder_features' true needs 'condition_encoder' true"),
     ],
 )
 def test_bad_condition_encoder_and_loss_keys_stop_training_with_their_names(tmp_path, extra, message):

@@ -375,3 +375,96 @@ def test_other_monai_segmentation_networks_serve_as_the_encoder(name):
     assert network(x, timesteps=t).shape == (2, NUM_CLASSES, 16, 16)
     assert network.last_encoder_logits.shape == (2, NUM_CLASSES, 16, 16)
     assert describe_encoder(factory)["_target_"].endswith(name)
+
+
+# ---- decoder features at matching resolutions (encoder_features) ------------------------------------------------------
+DEEP_UNET = dict(channels=[8, 8, 8], attention_levels=[False, False, False], num_res_blocks=1, num_head_channels=8,
+                 norm_num_groups=4)  # three levels: skip connections at 1, 1/2 and 1/4 of the image size
+
+
+def featured(spatial_dims=2, stop_gradient=False, encoder_features=True, seed=0):
+    """A three-level diffusion UNet with a two-level MONAI UNet encoder (features at 1/2 and 1/4)."""
+    torch.manual_seed(seed)
+    encoder = functools.partial(UNet, spatial_dims=spatial_dims, in_channels=IMAGE_CHANNELS, out_channels=NUM_CLASSES,
+                                channels=[8, 16, 16], strides=[2, 2], num_res_units=1)
+    network = segmentation_diffusion_network(spatial_dims, NUM_CLASSES + IMAGE_CHANNELS, NUM_CLASSES, condition_encoder=True,
+                                             encoder=encoder, encoder_stop_gradient=stop_gradient,
+                                             encoder_features=encoder_features, **DEEP_UNET)
+    with torch.no_grad():
+        for p in network.diffusion.out.parameters():
+            p.normal_(0, 0.1)
+    return network
+
+
+def test_encoder_features_map_every_skip_connection_to_a_feature_of_its_resolution():
+    network = featured()
+    # MONAI's order: input conv (1), level 0 res-block (1) and downsampler (1/2), level 1 (1/2, 1/4), level 2 (1/4), mid
+    assert network._skip_layout() == [(8, 1), (8, 1), (8, 2), (8, 2), (8, 4), (8, 4), (8, 4)]
+    assert set(network.feature_modules) == {1, 2, 4}
+    image = torch.randn(2, IMAGE_CHANNELS, 16, 16)
+    logits, features = network._run_encoder_with_features(image)
+    for factor, feature in features.items():
+        assert feature.shape[2:] == (16 // factor, 16 // factor)
+        assert not (factor == 1 and feature is logits)  # the logits themselves are never a "feature"
+    # the chosen module is the last of its size in the forward: at 1/4 the innermost skip block (encoder and decoder
+    # features), not the downsampling convolution that first produced that size
+    assert network.feature_modules[4] == "model.1.submodule.1"
+    assert len(network.feature_projections) == 7 and all(p.kernel_size == (1, 1) for p in network.feature_projections.values())
+
+
+@pytest.mark.parametrize("spatial", [(16, 16), (8, 8, 8)])
+def test_encoder_features_start_as_an_exact_no_op_and_change_the_output_once_trained(spatial):
+    with_features, without = featured(len(spatial)), featured(len(spatial), encoder_features=False)
+    missing = without.load_state_dict(with_features.state_dict(), strict=False)
+    assert missing.missing_keys == [] and all(k.startswith("feature_projections.") for k in missing.unexpected_keys)
+    x, t = inputs(spatial)
+    torch.testing.assert_close(with_features(x, timesteps=t), without(x, timesteps=t), rtol=0, atol=0)
+    with torch.no_grad():
+        for p in with_features.feature_projections.parameters():
+            p.normal_(0, 0.1)
+    assert (with_features(x, timesteps=t) - without(x, timesteps=t)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_encoder_features_train_their_projections_and_respect_stop_gradient(stop_gradient):
+    network = featured(stop_gradient=stop_gradient)
+    with torch.no_grad():
+        for p in network.feature_projections.parameters():
+            p.normal_(0, 0.1)
+    x, t = inputs()
+    network(x, timesteps=t).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.feature_projections.parameters())
+    reached = any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.encoder.parameters())
+    assert reached is not stop_gradient
+
+
+def test_encoder_features_survive_copies_caching_and_export():
+    network = featured()
+    with torch.no_grad():
+        for p in network.feature_projections.parameters():
+            p.normal_(0, 0.1)
+    network(*inputs())
+    copied = copy.deepcopy(network)  # EMA: hooks live only within a forward, so the copy writes nowhere else
+    assert not any(m._forward_hooks for m in network.encoder.modules())
+    network.eval()
+    copied.eval()
+    x, t = inputs()
+    with torch.no_grad():
+        first = network(x, timesteps=t)
+        torch.testing.assert_close(copied(x, timesteps=t), first)
+        calls = []
+        network.encoder.register_forward_hook(lambda *a: calls.append(1))
+        torch.testing.assert_close(network(x, timesteps=t + 1), network(x, timesteps=t + 1))
+        assert len(calls) == 0  # the cache holds the features too: the encoder ran for `first` only
+    program = export_network(copied, (x, t), spatial_multiple=4)
+    assert max_abs_difference(program.module(), copied, inputs((20, 20), batch=3, seed=5)) < 1e-5
+
+
+def test_encoder_features_are_refused_without_an_encoder_and_on_a_grid_the_encoder_cannot_match():
+    with pytest.raises(ValueError, match="encoder_features true needs condition_encoder true"):
+        segmentation_diffusion_network(2, 4, 3, condition_encoder=False, encoder_features=True, **TINY_UNET)
+    network = featured()
+    network.feature_modules[2] = network.feature_modules[4]  # a module that no longer gives the size it was chosen for
+    with pytest.raises(ValueError, match=r"module 'model.1.submodule.1' gave \[1, 32, 4, 4\] .* expected a spatial size "
+                                         r"of \[8, 8\] \(1/2 of the image\)"):
+        network(torch.randn(1, NUM_CLASSES + IMAGE_CHANNELS, 16, 16), timesteps=torch.tensor([3]))

@@ -12,10 +12,14 @@ diffusion's loss.
 Why: measured on this project's data, a diffusion segmenter that only sees the image loses clearly to a plain UNet
 trained for the same steps (docs: image_to_mask). MedSegDiff (Wu et al., MIDL 2023) gives the diffusion network a
 separately supervised encoder's output, so the diffusion starts from a good segmentation and learns the part a
-single segmenter gets wrong or is unsure of. Unlike MedSegDiff, which adds the encoder's (detached) decoder features
-to the first block of its diffusion UNet, only the encoder's class probabilities are concatenated here: any MONAI
-segmentation network fits, and the diffusion network stays an unchanged ``DiffusionModelUNet``. Decoder features at
-matching resolutions are not used.
+single segmenter gets wrong or is unsure of. By default only the encoder's class probabilities are concatenated:
+any MONAI segmentation network fits, and the diffusion network stays an unchanged ``DiffusionModelUNet``. With
+``encoder_features`` the encoder's decoder features also reach the diffusion UNet, at matching resolutions (as in
+MedSegDiff, which adds them to its UNet's blocks): at each resolution of the diffusion UNet's encoder path, the
+feature map that the condition encoder computed LAST at that size (its decoder's, which runs after its encoder path;
+found once by a probe forward at construction, so any network fits), projected by a zero-initialised 1x1
+convolution, is added to the diffusion UNet's skip connections the way MONAI's ControlNet adds its residuals. Zero
+initialisation makes the untrained option an exact no-op.
 
 The wrapper is one module (one ``network_def``), so the bundle's ``models/model.pt`` is one state dict
 (``diffusion.*`` and ``encoder.*``), and MONAI Label, ``segdiff export-network`` (``network(x, timesteps)``) and
@@ -58,8 +62,10 @@ class ConditionEncoderDiffusion(torch.nn.Module):
             ``(B, num_classes, *spatial)``, e.g. ``monai.networks.nets.UNet``.
         num_classes: classes including background: the channels of the noisy one-hot mask.
         image_channels: channels of the image.
-        stop_gradient: True: the probabilities fed to the diffusion are detached, so the encoder is trained by its
-            anchor loss only; False (default): the diffusion's loss also reaches the encoder.
+        stop_gradient: True: the probabilities (and features) fed to the diffusion are detached, so the encoder is
+            trained by its anchor loss only; False (default): the diffusion's loss also reaches the encoder.
+        encoder_features: also add the encoder's decoder features at matching resolutions to the diffusion UNet's
+            skip connections (see the module docstring); needs a MONAI ``DiffusionModelUNet``.
 
     ``forward(x, timesteps, context=None, class_labels=None, ...)`` takes ``x = cat([noisy mask, image])`` and returns
     the diffusion's output; ``forward(image)`` (no timesteps) returns the encoder's logits. After every forward,
@@ -78,6 +84,7 @@ class ConditionEncoderDiffusion(torch.nn.Module):
         num_classes: int,
         image_channels: int,
         stop_gradient: bool = False,
+        encoder_features: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1 or image_channels < 1:
@@ -101,7 +108,11 @@ class ConditionEncoderDiffusion(torch.nn.Module):
         if hasattr(diffusion, "block_out_channels"):
             self.block_out_channels = diffusion.block_out_channels
         self.last_encoder_logits: torch.Tensor | None = None
-        self._cache: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._cache: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, Any] | None = None
+        self.encoder_features = bool(encoder_features)
+        self.feature_modules: dict[int, str] = {}  # downsampling factor -> the encoder module whose output is used
+        if self.encoder_features:
+            self._build_feature_projections()
 
     # -- what the model record stores about the network (segdiff.engine.describe_network reads it) -----------------
     @property
@@ -113,6 +124,109 @@ class ConditionEncoderDiffusion(torch.nn.Module):
         arguments = dict(describe_network(self.diffusion)["arguments"])
         arguments["in_channels"] = self.in_channels
         return arguments
+
+    # -- decoder features at matching resolutions (encoder_features) ----------------------------------------------
+    def _skip_layout(self) -> list[tuple[int, int]]:
+        """``(channels, downsampling factor)`` of each skip connection of the diffusion UNet in MONAI's order (the
+        input convolution, then per level its res-blocks and its downsampler), then the middle block's output."""
+        channels = getattr(self.diffusion, "block_out_channels", None)
+        res_blocks = getattr(self.diffusion, "num_res_blocks", None)
+        if channels is None or res_blocks is None:
+            raise ValueError("encoder_features needs a MONAI DiffusionModelUNet as the diffusion network.")
+        layout = [(channels[0], 1)]
+        for level, (width, blocks) in enumerate(zip(channels, res_blocks)):
+            layout += [(width, 2**level)] * blocks
+            if level < len(channels) - 1:
+                layout.append((width, 2 ** (level + 1)))
+        return layout + [(channels[-1], 2 ** (len(channels) - 1))]
+
+    def _build_feature_projections(self) -> None:
+        """Probe the encoder once (eval mode, no gradients, zeros of a size every level divides) to find, per
+        downsampling factor, the module that completes last with an output of that size (the logits excluded: the
+        probabilities are concatenated anyway), and build one
+        zero-initialised 1x1 convolution per skip connection from that module's channels."""
+        layout = self._skip_layout()
+        deepest = max(factor for _, factor in layout)
+        spatial_dims = len(getattr(self.diffusion, "conv_in").conv.kernel_size)
+        edge = max(32, deepest * 8)
+        probe = torch.zeros((1, self.image_channels) + (edge,) * spatial_dims)
+        finished: list[tuple[str, torch.Tensor]] = []
+        hooks = [
+            module.register_forward_hook(
+                lambda _m, _i, out, name=name: finished.append((name, out))
+                if isinstance(out, torch.Tensor) and out.dim() == spatial_dims + 2 else None
+            )
+            for name, module in self.encoder.named_modules() if name
+        ]
+        was_training = self.encoder.training
+        try:
+            self.encoder.eval()
+            with torch.no_grad():
+                final = self.encoder(probe.to(next(self.encoder.parameters()).device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.encoder.train(was_training)
+        sources: dict[int, tuple[str, int]] = {}
+        for name, out in finished:  # later completions overwrite earlier ones: the decoder's features win
+            sizes = out.shape[2:]
+            if out is final:  # the logits themselves (and the containers returning them): already concatenated
+                continue
+            if all(edge % size == 0 for size in sizes) and len({edge // size for size in sizes}) == 1:
+                sources[edge // sizes[0]] = (name, int(out.shape[1]))
+        self.feature_modules = {factor: sources[factor][0] for _, factor in layout if factor in sources}
+        if not self.feature_modules:
+            raise ValueError(
+                "encoder_features: no module of the condition encoder produces a feature map at any resolution of "
+                f"the diffusion UNet (factors {sorted({f for _, f in layout})} of the image size)."
+            )
+        conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+        projections = {}
+        for index, (width, factor) in enumerate(layout):
+            if factor in sources:
+                projection = conv(sources[factor][1], width, kernel_size=1)
+                torch.nn.init.zeros_(projection.weight)
+                torch.nn.init.zeros_(projection.bias)
+                projections[str(index)] = projection
+        self.feature_projections = torch.nn.ModuleDict(projections)
+
+    def _run_encoder_with_features(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The encoder's logits and, per factor of :attr:`feature_modules`, that module's output (hooks live only
+        for this call, so copies of the network, e.g. EMA's, never write into this one)."""
+        outputs: dict[str, torch.Tensor] = {}
+        modules = dict(self.encoder.named_modules())
+        hooks = [
+            modules[name].register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+            for name in set(self.feature_modules.values())
+        ]
+        try:
+            logits = self.segment(image)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        features = {}
+        for factor, name in self.feature_modules.items():
+            feature = outputs.get(name)
+            expected = [size // factor for size in image.shape[2:]]
+            if feature is None or list(feature.shape[2:]) != expected:
+                found = None if feature is None else list(feature.shape)
+                raise ValueError(
+                    f"encoder_features: the condition encoder's module {name!r} gave {found} for an image of "
+                    f"{list(image.shape)}; expected a spatial size of {expected} (1/{factor} of the image)."
+                )
+            features[factor] = feature
+        return logits, features
+
+    def _skip_residuals(self, features: dict[int, torch.Tensor], like: torch.Tensor):
+        """The projected features as ``down_block_additional_residuals`` and ``mid_block_additional_residual``;
+        skip connections at a resolution the encoder has no feature for get a zero."""
+        layout = self._skip_layout()
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        residuals = []
+        for index, (_, factor) in enumerate(layout):
+            key = str(index)
+            residuals.append(self.feature_projections[key](features[factor]) if key in self.feature_projections else zero)
+        return residuals[:-1], residuals[-1]
 
     # -- the encoder ---------------------------------------------------------------------------------------------
     def segment(self, image: torch.Tensor) -> torch.Tensor:
@@ -142,18 +256,26 @@ class ConditionEncoderDiffusion(torch.nn.Module):
     def encoded_probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """The encoder's softmax probabilities in the mask's [-1, 1] encoding (``2 p - 1``), as the diffusion sees
         them; cached between calls in eval mode without gradients (see the class docstring)."""
+        return self._encode(image)[0]
+
+    def _encode(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`encoded_probabilities` and the decoder features (empty without ``encoder_features``)."""
         cacheable = not self.training and not torch.is_grad_enabled() and not _exporting()
         if cacheable and self._cache is not None:
-            key, cached_image, logits, encoded = self._cache
+            key, cached_image, logits, encoded, features = self._cache
             if key == self._cache_key(image) and torch.equal(cached_image, image):
                 self.last_encoder_logits = logits
-                return encoded
-        logits = self.segment(image)
+                return encoded, features
+        if self.encoder_features:
+            logits, features = self._run_encoder_with_features(image)
+        else:
+            logits, features = self.segment(image), {}
         encoded = encode_probabilities(torch.softmax(logits.float(), dim=1), "target").to(image.dtype)
         if self.stop_gradient:
             encoded = encoded.detach()
-        self._cache = (self._cache_key(image), image.detach().clone(), logits, encoded) if cacheable else None
-        return encoded
+            features = {factor: feature.detach() for factor, feature in features.items()}
+        self._cache = (self._cache_key(image), image.detach().clone(), logits, encoded, features) if cacheable else None
+        return encoded, features
 
     # -- the network -----------------------------------------------------------------------------------------------
     def forward(
@@ -174,8 +296,12 @@ class ConditionEncoderDiffusion(torch.nn.Module):
                 f"concatenated: {self.in_channels} channels, got {x.shape[1]}."
             )
         image = x[:, self.num_classes :]
-        encoded = self.encoded_probabilities(image)
+        encoded, features = self._encode(image)
         extra = dict(kwargs)
+        if self.encoder_features:
+            extra["down_block_additional_residuals"], extra["mid_block_additional_residual"] = self._skip_residuals(
+                features, x
+            )
         if context is not None:
             extra["context"] = context
         if class_labels is not None:
@@ -220,6 +346,7 @@ def segmentation_diffusion_network(
     condition_encoder: bool = False,
     encoder: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
     encoder_stop_gradient: bool = False,
+    encoder_features: bool = False,
     **diffusion_arguments: Any,
 ) -> torch.nn.Module:
     """image_to_mask's ``network_def``: a MONAI ``DiffusionModelUNet`` with ``in_channels`` (noisy mask + image) and
@@ -233,6 +360,7 @@ def segmentation_diffusion_network(
             it is built after the diffusion UNet and only when used, so without a condition encoder the random
             initialisation is the same as the plain UNet's.
         encoder_stop_gradient: :class:`ConditionEncoderDiffusion`'s ``stop_gradient``.
+        encoder_features: :class:`ConditionEncoderDiffusion`'s ``encoder_features`` (needs ``condition_encoder``).
     """
     num_classes = int(out_channels)
     image_channels = int(in_channels) - num_classes
@@ -241,9 +369,12 @@ def segmentation_diffusion_network(
         spatial_dims=spatial_dims, in_channels=widened, out_channels=out_channels, **diffusion_arguments
     )
     if not condition_encoder:
+        if encoder_features:
+            raise ValueError("encoder_features true needs condition_encoder true (the features are the encoder's).")
         return diffusion
     if encoder is None:
         raise ValueError("condition_encoder true needs the encoder network (encoder_def).")
     if not isinstance(encoder, torch.nn.Module):
         encoder = encoder()
-    return ConditionEncoderDiffusion(diffusion, encoder, num_classes, image_channels, stop_gradient=encoder_stop_gradient)
+    return ConditionEncoderDiffusion(diffusion, encoder, num_classes, image_channels, stop_gradient=encoder_stop_gradient,
+                                     encoder_features=encoder_features)

@@ -212,6 +212,7 @@ def check_segmentation_objective(
     recycling: bool = False,
     prediction_type: str = "v_prediction",
     diffusion: str = "ddpm",
+    encoder_features: bool = False,
 ) -> None:
     """Refuse (``ConfigKeyError``, naming the keys) loss settings of image_to_mask that train nothing or do not exist.
 
@@ -219,13 +220,13 @@ def check_segmentation_objective(
     - every weight is a number >= 0, and ``mse_loss_weight`` or ``x0_loss_weight`` is > 0 (something trains the
       diffusion network); ``anchor_loss_weight`` counts only with ``condition_encoder``;
     - ``encoder_stop_gradient`` needs the condition encoder and an ``anchor_loss_weight`` > 0 (otherwise nothing
-      trains the encoder);
+      trains the encoder); ``encoder_features`` needs the condition encoder (they are its features);
     - ``recycling`` (Fu et al.) needs ``prediction_type: sample`` with ``diffusion: ddpm``: the model predicts the
       mask, whose re-noised prediction it is trained on against the truth. For epsilon or v the target implied by
       the truth at the recycled input carries 1 / sigma_t factors that blow up at low noise.
     """
     for key, flag in (("condition_encoder", condition_encoder), ("encoder_stop_gradient", encoder_stop_gradient),
-                      ("recycling", recycling)):
+                      ("recycling", recycling), ("encoder_features", encoder_features)):
         _flag(key, flag)
     mse = _non_negative("mse_loss_weight", mse_loss_weight)
     x0 = _non_negative("x0_loss_weight", x0_loss_weight)
@@ -236,6 +237,8 @@ def check_segmentation_objective(
         )
     if encoder_stop_gradient and not condition_encoder:
         raise ConfigKeyError("'encoder_stop_gradient' true needs 'condition_encoder' true (there is no encoder to stop).")
+    if encoder_features and not condition_encoder:
+        raise ConfigKeyError("'encoder_features' true needs 'condition_encoder' true (the features are the encoder's).")
     if condition_encoder and encoder_stop_gradient and anchor == 0.0:
         raise ConfigKeyError(
             "'encoder_stop_gradient' true with 'anchor_loss_weight' 0: nothing trains the condition encoder; set "
