@@ -51,6 +51,8 @@ RECIPES: dict[str, dict] = {
                              "x0_loss_weight": 1.0},
     "sample+encoder+x0+recycling": {"prediction_type": "sample", "condition_encoder": True, "x0_loss_weight": 1.0,
                                     "recycling": True},
+    "sample+encoder+x0+recycling+features": {"prediction_type": "sample", "condition_encoder": True,
+                                             "x0_loss_weight": 1.0, "recycling": True, "encoder_features": True},
     # ... and the condition encoder trained alone (train_baseline.yaml: the same network as encoder_def, DiceCE),
     # scored by the argmax of its softmax, for as many steps as the diffusion recipes
     "encoder_alone": {"baseline": True, "max_wall_time": 0},
