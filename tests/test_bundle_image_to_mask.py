@@ -119,10 +119,12 @@ def test_unet_baseline_trains_for_a_wall_time_and_is_scored_by_the_same_evaluati
     common = dict(dataset_dir=str(tmp_path / "data"), bundle_root=str(tmp_path / "b"), num_classes=3, image_size=[16, 16])
     run_bundle(BUNDLE, ["train.yaml", "train_baseline.yaml"], run_id="training", **common, max_wall_time=3, batch_size=8, slices_per_volume=4, num_workers=0, warmup_steps=2)
     assert (tmp_path / "b" / "models" / "baseline.pt").exists() and not (tmp_path / "b" / "models" / "model.pt").exists()
-    # the learning rate decayed over the wall time, not over max_epochs' 100000 epochs: it ends near 0
+    # the learning rate decayed over the wall time, not over max_epochs' 100000 epochs (a step cosine would still be
+    # at ~1e-3). The schedule's clock starts at the first step, after the data are loaded, so on a loaded machine it
+    # sees less than the 3 s the run had; bounds loose enough for that (exact values: the fake-clock unit tests)
     schedule = torch.load(tmp_path / "b" / "models" / "baseline_checkpoint.pt", weights_only=False)["lr_scheduler"]
-    assert schedule["seconds"] == 3 and schedule["elapsed_before"] >= 2.5
-    assert schedule["_last_lr"][0] < 0.05 * 1e-3
+    assert schedule["seconds"] == 3 and 2.0 <= schedule["elapsed_before"] <= 3.5
+    assert schedule["_last_lr"][0] < 0.3 * 1e-3
     run_bundle(BUNDLE, ["inference.yaml", "inference_baseline.yaml"], **common)
     out = tmp_path / "b" / "outputs" / "segmentations_baseline"
     check_outputs(out, tmp_path / "data", "case4")
