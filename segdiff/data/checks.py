@@ -25,6 +25,7 @@ from segdiff.data.naming import output_case_name
 from segdiff.errors import OutputCollisionError, SegdiffError
 
 __all__ = [
+    "voxel_orientation",
     "file_orientation",
     "data_orientation",
     "AFFINE_TOLERANCE",
@@ -57,16 +58,27 @@ class DataCheckError(SegdiffError, ValueError):
         super().__init__("\n".join(lines))
 
 
+def voxel_orientation(affine: Any) -> str | None:
+    """Axis codes of a voxel-to-world affine (e.g. ``"RAS"``: the first voxel axis points to the subject's right,
+    ...); None for a degenerate affine."""
+    import nibabel as nib
+
+    try:
+        return "".join(str(c) for c in nib.aff2axcodes(np.asarray(affine, dtype=float)))
+    except Exception:  # a degenerate affine: the affine checks report what they can
+        return None
+
+
 def file_orientation(path: str | os.PathLike) -> str | None:
-    """Voxel axis codes of an image file from its header (e.g. ``"RAS"``: the first voxel axis points to the
-    subject's right, ...); None for a file nibabel cannot read or that has no affine (PNG)."""
+    """:func:`voxel_orientation` of an image file's header; None for a file nibabel cannot read or that has no
+    affine (PNG)."""
     import nibabel as nib
 
     try:
         affine = nib.load(os.fspath(path)).affine
-        return None if affine is None else "".join(str(c) for c in nib.aff2axcodes(affine))
-    except Exception:  # unreadable or no affine: the data check reports what matters
+    except Exception:  # unreadable: the data check reports what matters
         return None
+    return None if affine is None else voxel_orientation(affine)
 
 
 def _first_path(value: Any) -> str | None:
@@ -249,8 +261,6 @@ class _Checker:
 
     def note_orientation(self, where: str, img: Any) -> None:
         """Record the voxel axis codes of an image (from its affine) for :meth:`check_orientations`."""
-        from segdiff.transforms.orientation import voxel_orientation
-
         codes = voxel_orientation(getattr(img, "affine", np.eye(4)))
         if codes is not None:  # a degenerate affine: the affine checks elsewhere report what they can
             self.orientations.setdefault(codes, []).append(where)

@@ -143,11 +143,11 @@ class ConditionEncoderDiffusion(torch.nn.Module):
     def _build_feature_projections(self) -> None:
         """Probe the encoder once (eval mode, no gradients, zeros of a size every level divides) to find, per
         downsampling factor, the module that completes last with an output of that size (the logits excluded: the
-        probabilities are concatenated anyway), and build one
-        zero-initialised 1x1 convolution per skip connection from that module's channels."""
+        probabilities are concatenated anyway), and build one zero-initialised 1x1 convolution per skip connection
+        from that module's channels."""
         layout = self._skip_layout()
         deepest = max(factor for _, factor in layout)
-        spatial_dims = len(getattr(self.diffusion, "conv_in").conv.kernel_size)
+        spatial_dims = self.diffusion.conv_in.conv.weight.dim() - 2
         edge = max(32, deepest * 8)
         probe = torch.zeros((1, self.image_channels) + (edge,) * spatial_dims)
         finished: list[tuple[str, torch.Tensor]] = []

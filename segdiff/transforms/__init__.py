@@ -14,7 +14,7 @@ from .mask import (
     mask_probabilities,
 )
 from .slicing import RandSliced
-from .orientation import RequireOrientationd, voxel_orientation
+from .orientation import RequireOrientationd
 from .io import SaveSamplesd, check_outputs_free, existing_outputs, sample_output_paths
 from .ensemble import (
     FUSIONS,

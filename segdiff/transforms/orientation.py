@@ -10,19 +10,10 @@ import os
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-
-def voxel_orientation(affine: Any) -> str | None:
-    """Axis codes of a voxel-to-world affine (``"RAS"``: the first voxel axis points right, ...); None if degenerate."""
-    import nibabel as nib
-
-    try:
-        return "".join(str(c) for c in nib.aff2axcodes(np.asarray(affine, dtype=float)))
-    except Exception:  # a degenerate affine: the data checks report what they can
-        return None
+from segdiff.data.checks import voxel_orientation
 
 
 class RequireOrientationd(MapTransform):
