@@ -183,6 +183,7 @@ class Evaluation:
             prediction = mean_probabilities.argmax(dim=1, keepdim=True)
         result = summary(dice_per_class(prediction, self.slices["label"], self.num_classes))
         result["eval_seconds"] = round(time.time() - started, 1)
+        self.last_prediction = prediction  # for paired comparisons between samplers (sampling_sweep)
         if self.bundle == "image_to_mask" and hasattr(network, "encoder"):
             # a condition encoder inside: its own segmentation, and the diffusion ensemble fused with it (1:1)
             with torch.no_grad():
@@ -292,7 +293,7 @@ def sampling_sweep(bundle: str, name: str, presets: list[str], data_dir: Path, o
     record.verify(network, weights)  # the config rebuilds the network the recipe trained
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     network.eval()
-    rows = []
+    rows, predictions = [], {}
     for spec in specs:
         sampler_name, steps, *mode = spec.split(":")
         if (sampler_name == "euler") != (recipe.get("diffusion") == "rflow"):
@@ -309,8 +310,29 @@ def sampling_sweep(bundle: str, name: str, presets: list[str], data_dir: Path, o
         result["seconds_per_slice"] = round(result["eval_seconds"] / len(evaluation.condition), 3)
         result["slices"] = len(evaluation.condition)
         rows.append({"sampler": label, **result})
+        predictions[label] = evaluation.last_prediction[:, 0]
         print(f"  {name} {label}: mean Dice {result['mean_dice']}, {result['seconds_per_slice']} s per slice", flush=True)
+    torch.save({"truth": evaluation.slices["label"][:, 0], **predictions}, root / "sweep_predictions.pt")
+    compare_with_published(rows, predictions, evaluation.slices["label"][:, 0], evaluation.num_classes)
     return rows
+
+
+def compare_with_published(rows: list[dict], predictions: dict, truth: torch.Tensor, num_classes: int) -> None:
+    """Each row's mean Dice minus the published protocol's (the last sequential-chains row, e.g. ddpm:1000:sequential,
+    if swept) on the same slices, with a 95% paired bootstrap interval over slices (``row["against_published"]``)."""
+    from segdiff.evaluation import paired_pooled_dice_bootstrap
+
+    published = [r["sampler"] for r in rows if r["sampler"].endswith("sequential chains")]
+    if not published:
+        return
+    reference = published[-1]
+    for row in rows:
+        if row["sampler"] != reference:
+            comparison = paired_pooled_dice_bootstrap(predictions[row["sampler"]], predictions[reference], truth,
+                                                      num_classes, draws=2000, seed=0)
+            row["against_published"] = {"difference": round(comparison["difference"], 4),
+                                        "ci95": [round(v, 4) for v in comparison["ci95"]]}
+            print(f"  {row['sampler']} minus {reference}: {row['against_published']}", flush=True)
 
 
 # ---- reporting ----------------------------------------------------------------------------------------------------
@@ -340,8 +362,11 @@ def write_table(results: dict, path: Path) -> str:
         lines += ["", f"sampling steps for recipe {name} (its weights after the last step; seconds per slice on this machine, "
                       + ("a slice's ensemble members drawn in one batch unless the row says sequential chains"
                          if results["bundle"] == "image_to_mask" else "one image per slice")
-                      + ")", "", "| sampler | mean Dice | per class | s per slice | slices |", "|---|---|---|---|---|"]
-        lines += [f"| {r['sampler']} | {r['mean_dice']} | {r['per_class_dice']} | {r['seconds_per_slice']} | {r.get('slices', '')} |"
+                      + ")", "", "| sampler | mean Dice | per class | s per slice | slices | minus the published protocol (95% "
+                      "paired bootstrap interval over slices) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['sampler']} | {r['mean_dice']} | {r['per_class_dice']} | {r['seconds_per_slice']} | {r.get('slices', '')} | "
+                  + (f"{r['against_published']['difference']:+.4f} [{r['against_published']['ci95'][0]:+.4f}, "
+                     f"{r['against_published']['ci95'][1]:+.4f}]" if "against_published" in r else "") + " |"
                   for r in rows]
     if results.get("ceiling"):
         lines += ["", f"real-image ceiling (the reference segmenter on the real test slices): mean Dice "

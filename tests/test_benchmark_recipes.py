@@ -7,6 +7,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from bundle_utils import REPO, write_dataset
 
@@ -100,6 +101,13 @@ def test_image_to_mask_condition_encoder_recipes_and_the_encoder_alone_are_score
     assert [r["sampler"] for r in rows] == ["ddim-2", "ddim-2, 2 sequential chains"]
     assert [r["slices"] for r in rows] == [3, 3] and all(0.0 <= r["mean_dice"] <= 1.0 for r in rows)
     assert "| ddim-2, 2 sequential chains |" in (tmp_path / "out" / "recipes.md").read_text()
+    # the one-batch row against the published protocol (the sequential chains), paired over the same 3 slices
+    against = rows[0]["against_published"]
+    assert against["difference"] == pytest.approx(rows[0]["mean_dice"] - rows[1]["mean_dice"], abs=2e-4)
+    assert against["ci95"][0] <= against["difference"] <= against["ci95"][1]
+    assert "against_published" not in rows[1]
+    saved = torch.load(tmp_path / "out" / "v_min_snr_encoder_x0" / "sweep_predictions.pt")
+    assert set(saved) == {"truth", "ddim-2", "ddim-2, 2 sequential chains"} and saved["truth"].shape[0] == 3
 
 
 def test_sequential_members_stack_each_chain_per_slice_in_member_order():

@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from segdiff.evaluation.ensemble_metrics import (
+    paired_pooled_dice_bootstrap,
     TopLabelCalibrationError,
     UncertaintyErrorAUROC,
     expected_calibration_error,
@@ -301,3 +302,50 @@ def test_calibration_metric_buffers_the_function_per_case_and_averages_them():
     assert metric.aggregate().item() == pytest.approx(np.mean(expected), rel=1e-6)  # MONAI reduces in float32
     metric.reset()
     assert len(metric) == 0
+
+
+# ---- paired bootstrap of the pooled mean Dice ----------------------------------------------------------------------
+def test_paired_bootstrap_difference_matches_hand_computed_pooled_dice():
+    # 2 slices of 4 voxels, classes 0..2. Truth: slice 0 = [1, 1, 2, 0], slice 1 = [1, 0, 2, 2].
+    truth = np.array([[1, 1, 2, 0], [1, 0, 2, 2]])
+    reference = truth.copy()
+    prediction = np.array([[1, 0, 2, 0], [1, 0, 2, 1]])
+    # prediction, pooled over both slices: class 1 overlap 2, sizes 3 + 3 -> Dice 4/6; class 2 overlap 2, sizes 2 + 3
+    # -> Dice 4/5; mean 0.7333; the reference is the truth (1.0): difference -0.2667
+    result = paired_pooled_dice_bootstrap(prediction, reference, truth, num_classes=3, draws=500, seed=1)
+    assert result["difference"] == pytest.approx((4 / 6 + 4 / 5) / 2 - 1.0)
+    assert result["slices"] == 2
+    low, high = result["ci95"]
+    assert low <= result["difference"] <= high < 0  # every resample (of these two slices) loses to the truth
+    # swapping the roles flips the sign
+    swapped = paired_pooled_dice_bootstrap(reference, prediction, truth, num_classes=3, draws=500, seed=1)
+    assert swapped["difference"] == pytest.approx(-result["difference"])
+
+
+def test_paired_bootstrap_of_identical_predictions_is_exactly_zero_and_ignores_absent_classes():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, size=(6, 5, 5))  # class 3 never occurs: left out, not scored as 0
+    prediction = rng.integers(0, 3, size=(6, 5, 5))
+    result = paired_pooled_dice_bootstrap(torch.as_tensor(prediction), prediction, truth, num_classes=4, draws=200)
+    assert result == {"difference": 0.0, "ci95": [0.0, 0.0], "slices": 6}
+
+
+def test_paired_bootstrap_interval_straddles_zero_when_slices_disagree():
+    # slice 0: prediction right, reference wrong; slice 1 the other way round: equal on average, either way by chance
+    truth = np.array([[1, 1, 0, 0], [1, 1, 0, 0]])
+    prediction = np.array([[1, 1, 0, 0], [0, 0, 0, 0]])
+    reference = np.array([[0, 0, 0, 0], [1, 1, 0, 0]])
+    result = paired_pooled_dice_bootstrap(prediction, reference, truth, num_classes=2, draws=1000, seed=0)
+    assert result["difference"] == pytest.approx(0.0)
+    low, high = result["ci95"]
+    assert low < 0 < high and low == pytest.approx(-1.0) and high == pytest.approx(1.0)
+
+
+def test_paired_bootstrap_refuses_mismatched_shapes_and_labels():
+    truth = np.zeros((2, 4), dtype=int)
+    with pytest.raises(ValueError, match="reference shape"):
+        paired_pooled_dice_bootstrap(truth, np.zeros((3, 4), dtype=int), truth, num_classes=2)
+    with pytest.raises(ValueError, match=r"prediction labels must lie in 0..1"):
+        paired_pooled_dice_bootstrap(truth + 2, truth, truth, num_classes=2)
+    with pytest.raises(ValueError, match="draws must be at least 1"):
+        paired_pooled_dice_bootstrap(truth, truth, truth, num_classes=2, draws=0)

@@ -6,6 +6,7 @@ from .ensemble_metrics import (
     TopLabelCalibrationError,
     UncertaintyErrorAUROC,
     expected_calibration_error,
+    paired_pooled_dice_bootstrap,
     segmentation_scores,
     summarize,
     uncertainty_error_auroc,
