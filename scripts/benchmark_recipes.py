@@ -106,6 +106,11 @@ def dice_per_class(prediction: torch.Tensor, truth: torch.Tensor, num_classes: i
     return scores
 
 
+def significant(seconds: float) -> float:
+    """A time to four significant figures: a fixed number of decimals would round a fast sampler's time to zero."""
+    return float(f"{seconds:.4g}")
+
+
 def summary(scores: list[float | None]) -> dict:
     present = [s for s in scores if s is not None]
     return {"mean_dice": round(sum(present) / len(present), 4) if present else None,
@@ -174,7 +179,7 @@ class Evaluation:
     def __call__(self, network: torch.nn.Module, sampler) -> dict:
         from segdiff.transforms.ensemble import member_probabilities
 
-        started = time.time()
+        started = time.perf_counter()
         samples = sampler(self.condition, network)
         if self.bundle == "mask_to_image":
             prediction = self.segment(samples.clamp(-1, 1))
@@ -182,7 +187,7 @@ class Evaluation:
             mean_probabilities = torch.stack([member_probabilities(s, self.members).mean(dim=0) for s in samples])
             prediction = mean_probabilities.argmax(dim=1, keepdim=True)
         result = summary(dice_per_class(prediction, self.slices["label"], self.num_classes))
-        result["eval_seconds"] = round(time.time() - started, 1)
+        result["eval_seconds"] = significant(time.perf_counter() - started)
         self.last_prediction = prediction  # for paired comparisons between samplers (sampling_sweep)
         if self.bundle == "image_to_mask" and hasattr(network, "encoder"):
             # a condition encoder inside: its own segmentation, and the diffusion ensemble fused with it (1:1)
@@ -197,13 +202,13 @@ class Evaluation:
     @torch.no_grad()
     def segmenter_scores(self, network: torch.nn.Module) -> dict:
         """image_to_mask baseline: the argmax of a plain segmenter's logits on the test slices."""
-        started, images = time.time(), self.slices["image"]
+        started, images = time.perf_counter(), self.slices["image"]
         was_training = network.training
         network.eval()
         prediction = torch.cat([network(images[i:i + 64]).argmax(dim=1, keepdim=True) for i in range(0, len(images), 64)])
         network.train(was_training)
         result = summary(dice_per_class(prediction, self.slices["label"], self.num_classes))
-        result["eval_seconds"] = round(time.time() - started, 1)
+        result["eval_seconds"] = significant(time.perf_counter() - started)
         return result
 
 
@@ -307,7 +312,7 @@ def sampling_sweep(bundle: str, name: str, presets: list[str], data_dir: Path, o
             sampler, label = sampler_for(parser, spec, recipe, members, bundle,
                                          batch_size=members if bundle == "image_to_mask" else 64)
         result = evaluation(network, sampler)
-        result["seconds_per_slice"] = round(result["eval_seconds"] / len(evaluation.condition), 3)
+        result["seconds_per_slice"] = significant(result["eval_seconds"] / len(evaluation.condition))
         result["slices"] = len(evaluation.condition)
         rows.append({"sampler": label, **result})
         predictions[label] = evaluation.last_prediction[:, 0]

@@ -130,3 +130,8 @@ def test_unknown_recipes_are_refused_with_the_known_names(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_script().main(["--recipes", "v", "x0", "--output", str(tmp_path)])
     assert "unknown recipe(s) ['x0']; known: epsilon, v, sample" in capsys.readouterr().err
+
+
+def test_times_keep_four_significant_figures_so_a_fast_sampler_is_not_rounded_to_zero():
+    significant = load_script().significant
+    assert significant(0.000123456) == 0.0001235 and significant(52.00349) == 52.0 and significant(1234.56) == 1235.0
