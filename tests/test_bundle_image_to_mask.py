@@ -4,6 +4,7 @@ segment with uncertainty, in 2D over 3D and in 3D, plus inputs that must be refu
 from __future__ import annotations
 
 import json
+import math
 
 import nibabel as nib
 import numpy as np
@@ -119,12 +120,17 @@ def test_unet_baseline_trains_for_a_wall_time_and_is_scored_by_the_same_evaluati
     common = dict(dataset_dir=str(tmp_path / "data"), bundle_root=str(tmp_path / "b"), num_classes=3, image_size=[16, 16])
     run_bundle(BUNDLE, ["train.yaml", "train_baseline.yaml"], run_id="training", **common, max_wall_time=3, batch_size=8, slices_per_volume=4, num_workers=0, warmup_steps=2)
     assert (tmp_path / "b" / "models" / "baseline.pt").exists() and not (tmp_path / "b" / "models" / "model.pt").exists()
-    # the learning rate decayed over the wall time, not over max_epochs' 100000 epochs (a step cosine would still be
-    # at ~1e-3). The schedule's clock starts at the first step, after the data are loaded, so on a loaded machine it
-    # sees less than the 3 s the run had; bounds loose enough for that (exact values: the fake-clock unit tests)
+    # the learning rate decays over the wall time (WallTimeCosineSchedule over max_wall_time), not over max_epochs'
+    # 100000 epochs, and the wall-time limit stopped the run. The schedule's clock starts at the first step, after the
+    # data are loaded and the first step has run, so how much of the 3 s it saw depends on the machine's load (CI saw
+    # 1.25 s): the checks below hold for any load (exact values: the fake-clock unit tests)
     schedule = torch.load(tmp_path / "b" / "models" / "baseline_checkpoint.pt", weights_only=False)["lr_scheduler"]
-    assert schedule["seconds"] == 3 and 2.0 <= schedule["elapsed_before"] <= 3.5
-    assert schedule["_last_lr"][0] < 0.3 * 1e-3
+    elapsed, base, last_lr = schedule["elapsed_before"], schedule["base_lrs"][0], schedule["_last_lr"][0]
+    assert schedule["seconds"] == 3 and 0.0 < elapsed <= 3.5
+    assert schedule["last_epoch"] > schedule["warmup_steps"]  # past the warm-up: the cosine part ran
+    # the last step's rate is the cosine at a time no later than the checkpoint's (a step cosine over 100000 epochs
+    # would stay within 1e-6 of the base rate, this one is below it by the time spent)
+    assert base * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / 3))) - 1e-12 <= last_lr < base * (1 - 1e-6)
     run_bundle(BUNDLE, ["inference.yaml", "inference_baseline.yaml"], **common)
     out = tmp_path / "b" / "outputs" / "segmentations_baseline"
     check_outputs(out, tmp_path / "data", "case4")
