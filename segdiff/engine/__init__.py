@@ -15,6 +15,7 @@ from .autoencoder import (
     write_latent_scale_factor,
 )
 from .condition_encoder import ConditionEncoderDiffusion, describe_encoder, segmentation_diffusion_network
+from .distributed import end_distributed_run
 from .dpm_solver import DPMSolverScheduler
 from .handlers import (
     CopyWeights,
