@@ -45,7 +45,10 @@ def test_a_one_process_group_is_destroyed_and_the_process_goes_on(one_process_gr
 
 def test_asked_to_exit_it_ends_with_status_0_after_the_group_is_gone(one_process_group):
     seen = []
-    end_distributed_run(exit_process=True, exit_function=lambda status: seen.append((status, torch.distributed.is_initialized())))
+    def record(status):
+        seen.append((status, torch.distributed.is_initialized()))
+
+    end_distributed_run(exit_process=True, exit_function=record)
     assert seen == [(0, False)]
 
 
